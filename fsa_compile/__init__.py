@@ -1,0 +1,29 @@
+"""Flash Sparse Attention as PyTorch operators.
+
+``import fsa_compile`` registers ``torch.ops.fsa.compressed_attention``, ``select_blocks``,
+``selected_attention`` and ``sliding_window_attention`` (and their backward ops).
+"""
+
+from fsa_compile import ops  # noqa: F401  (registers torch.ops.fsa.*)
+from fsa_compile import lowerings  # noqa: F401
+from fsa_compile.compression import compress
+from fsa_compile.functional import (
+    compressed_attention,
+    nsa_attention,
+    select_blocks,
+    selected_attention,
+    sliding_window_attention,
+)
+from fsa_compile.modules import FlashSparseAttention
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "FlashSparseAttention",
+    "compress",
+    "compressed_attention",
+    "nsa_attention",
+    "select_blocks",
+    "selected_attention",
+    "sliding_window_attention",
+]

@@ -1,0 +1,84 @@
+"""Key/value compression and rotary embeddings in plain PyTorch, so Inductor sees and fuses them.
+
+No host synchronisation: packed (``cu_seqlens``) layouts are resolved on the device with ``searchsorted``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from fsa_compile.ops._validation import num_compressed
+
+
+def compressed_layout(cu_seqlens, num_tokens: int, kernel_size: int, kernel_stride: int, device):
+    """Where every compressed row comes from.
+
+    -> (first_token [Tc] long, position [Tc] long, valid [Tc] bool) with
+    ``Tc = max(0, (T - kernel_size) // kernel_stride + 1)``: the first token of the row's window (global
+    index), the position within its sequence of the window's last token, and whether the row holds a window
+    (packed layouts leave a zero tail).
+    """
+    rows = torch.arange(num_compressed(num_tokens, kernel_size, kernel_stride), device=device)
+    if cu_seqlens is None:
+        first = rows * kernel_stride
+        return first, first + kernel_size - 1, torch.ones_like(rows, dtype=torch.bool)
+    cu = cu_seqlens.long()
+    per_sequence = ((cu[1:] - cu[:-1] - kernel_size) // kernel_stride + 1).clamp(min=0)
+    cu_cmp = torch.cat([cu.new_zeros(1), per_sequence.cumsum(0)])
+    sequence = torch.searchsorted(cu_cmp[1:], rows, right=True)
+    valid = sequence < per_sequence.shape[0]
+    sequence = sequence.clamp(max=per_sequence.shape[0] - 1)
+    local = (rows - cu_cmp[sequence]) * kernel_stride
+    return cu[sequence] + local, local + kernel_size - 1, valid
+
+
+def token_positions(cu_seqlens, num_tokens: int, device) -> torch.Tensor:
+    """Position of every token within its sequence: [T] long."""
+    tokens = torch.arange(num_tokens, device=device)
+    if cu_seqlens is None:
+        return tokens
+    cu = cu_seqlens.long()
+    sequence = torch.searchsorted(cu[1:], tokens, right=True).clamp(max=cu.shape[0] - 2)
+    return tokens - cu[sequence]
+
+
+def compress(x, weight, pos_emb, kernel_size: int, kernel_stride: int, cu_seqlens=None):
+    """Compress windows of ``kernel_size`` tokens (stride ``kernel_stride``) with a learned linear map.
+
+    ``out[i, h] = flatten(x[window_i, h] + pos_emb[h]) @ weight[h]``; windows never cross a sequence.
+
+    Args:
+        x: [B, T, H, D] keys or values (before RoPE).
+        weight: [H, kernel_size * D, Dout].
+        pos_emb: [H, kernel_size, D] intra-window position embedding.
+        cu_seqlens: optional int32 [N+1] (B == 1); compressed sequences are then packed one after another.
+    Returns:
+        [B, Tc, H, Dout], ``Tc = max(0, (T - kernel_size) // kernel_stride + 1)``; packed layouts end with
+        zero rows.
+    """
+    batch, num_tokens, heads, dim = x.shape
+    if weight.shape != (heads, kernel_size * dim, weight.shape[-1]):
+        raise ValueError(f"weight must be [H, kernel_size * D, Dout] = [{heads}, {kernel_size * dim}, Dout], "
+                         f"got {list(weight.shape)}")
+    if pos_emb.shape != (heads, kernel_size, dim):
+        raise ValueError(f"pos_emb must be [H, kernel_size, D] = [{heads}, {kernel_size}, {dim}], "
+                         f"got {list(pos_emb.shape)}")
+    first, _, valid = compressed_layout(cu_seqlens, num_tokens, kernel_size, kernel_stride, x.device)
+    tokens = (first[:, None] + torch.arange(kernel_size, device=x.device)).clamp(max=max(num_tokens - 1, 0))
+    windows = x[:, tokens] + pos_emb.transpose(0, 1)  # [B, Tc, ks, H, D]
+    windows = windows.permute(0, 1, 3, 2, 4).reshape(batch, -1, heads, kernel_size * dim)
+    out = torch.einsum("bchk,hkd->bchd", windows, weight)
+    if cu_seqlens is not None:
+        out = out * valid.view(1, -1, 1, 1).to(out.dtype)
+    return out
+
+
+def rotary_embedding(x: torch.Tensor, positions: torch.Tensor, theta: float = 10000.0) -> torch.Tensor:
+    """Rotate-half RoPE. x [B, T, H, D] (D even), positions [T] or [B, T] -> [B, T, H, D]."""
+    half = x.shape[-1] // 2
+    compute = torch.promote_types(x.dtype, torch.float32)
+    inv_freq = theta ** (-torch.arange(half, device=x.device, dtype=compute) / half)
+    angles = positions.to(compute).unsqueeze(-1) * inv_freq
+    cos, sin = torch.cos(angles).unsqueeze(-2), torch.sin(angles).unsqueeze(-2)  # [..., T, 1, half]
+    x1, x2 = x[..., :half].to(compute), x[..., half:].to(compute)
+    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).to(x.dtype)

@@ -1,0 +1,106 @@
+"""Functional entry points: thin, documented wrappers over ``torch.ops.fsa.*`` plus the gated NSA combination.
+
+Tensor conventions (DESIGN.md): token-major ``q [B, Tq, Hq, D]``, ``k, v [B, Tk, Hkv, D]``; query i sits at
+position ``Tk - Tq + i``; ``cu_seqlens`` (int32 [N+1], B == 1, Tq == Tk) packs independent sequences;
+query head h uses KV head ``h // (Hq // Hkv)``; ``scale`` defaults to ``D ** -0.5``; ``lse`` is float32.
+Every op validates its inputs and raises ``ValueError``/``TypeError`` before any kernel runs.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+import fsa_compile.ops  # noqa: F401  (registers torch.ops.fsa.*)
+
+
+def compressed_attention(
+    q: Tensor, k_cmp: Tensor, v_cmp: Tensor, kernel_size: int, kernel_stride: int,
+    scale: float | None = None, cu_seqlens: Tensor | None = None, seqlen_k: int | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Attention over compressed keys; query t sees key i iff ``t >= i*kernel_stride + kernel_size - 1``.
+
+    Args:
+        q: [B, Tq, Hq, D].
+        k_cmp, v_cmp: [B, Tc, Hkv, D] / [B, Tc, Hkv, Dv] from ``compress``,
+            ``Tc = max(0, (Tk - kernel_size) // kernel_stride + 1)``.
+        kernel_size, kernel_stride: the compression windows (``kernel_stride <= kernel_size``).
+        scale: softmax scale. Default: ``D ** -0.5``.
+        cu_seqlens: int32 [N+1] for packed sequences. Default: None.
+        seqlen_k: number of uncompressed keys Tk when Tq < Tk. Default: None (Tk = Tq).
+    Returns:
+        o [B, Tq, Hq, Dv] (0 where nothing is visible), lse [B, Tq, Hq] float32 (-inf there).
+    """
+    return torch.ops.fsa.compressed_attention(q, k_cmp, v_cmp, kernel_size, kernel_stride, scale, cu_seqlens, seqlen_k)
+
+
+def select_blocks(
+    q: Tensor, k_cmp: Tensor, lse: Tensor, kernel_size: int, kernel_stride: int, block_size: int, topk: int,
+    init_blocks: int = 1, local_blocks: int = 2, scale: float | None = None, cu_seqlens: Tensor | None = None,
+    seqlen_k: int | None = None,
+) -> Tensor:
+    """Top-k key blocks per (query, KV head) ranked by compressed attention probabilities.
+
+    Args:
+        q: [B, Tq, Hq, D]; k_cmp: [B, Tc, Hkv, D]; lse: [B, Tq, Hq] float32 from ``compressed_attention``.
+        block_size, topk: selection block size and number of blocks per query.
+        init_blocks: leading blocks always selected. Default: 1.
+        local_blocks: blocks ending at the query's own block, always selected. Default: 2.
+    Returns:
+        int32 [B, Tq, Hkv, topk], ascending, ``-1`` for empty slots (last). Not differentiable.
+    """
+    return torch.ops.fsa.select_blocks(
+        q, k_cmp, lse, kernel_size, kernel_stride, block_size, topk, init_blocks, local_blocks, scale,
+        cu_seqlens, seqlen_k,
+    )
+
+
+def selected_attention(
+    q: Tensor, k: Tensor, v: Tensor, indices: Tensor, block_size: int,
+    scale: float | None = None, cu_seqlens: Tensor | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Exact causal attention over the key blocks ``indices[b, t, h // G]``.
+
+    Args:
+        q: [B, Tq, Hq, D]; k, v: [B, Tk, Hkv, D] / [B, Tk, Hkv, Dv].
+        indices: int32 [B, Tq, Hkv, topk] block numbers, ascending, ``-1`` last; out-of-range = ``-1``.
+        block_size: tokens per block.
+    Returns:
+        o [B, Tq, Hq, Dv], lse [B, Tq, Hq] float32.
+    """
+    return torch.ops.fsa.selected_attention(q, k, v, indices, block_size, scale, cu_seqlens)
+
+
+def sliding_window_attention(
+    q: Tensor, k: Tensor, v: Tensor, window_size: int, scale: float | None = None, cu_seqlens: Tensor | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Causal attention over the last ``window_size`` keys: query t sees ``t - window_size < s <= t``.
+
+    Returns:
+        o [B, Tq, Hq, Dv], lse [B, Tq, Hq] float32.
+    """
+    return torch.ops.fsa.sliding_window_attention(q, k, v, window_size, scale, cu_seqlens)
+
+
+def nsa_attention(
+    q: Tensor, k: Tensor, v: Tensor, k_cmp: Tensor, v_cmp: Tensor, gates: Tensor, *,
+    kernel_size: int, kernel_stride: int, block_size: int, topk: int, init_blocks: int, local_blocks: int,
+    window_size: int, scale: float | None = None, cu_seqlens: Tensor | None = None,
+) -> Tensor:
+    """The three NSA branches combined: ``g_cmp * o_cmp + g_slc * o_slc + g_win * o_win``.
+
+    Args:
+        q: [B, T, Hq, D]; k, v: [B, T, Hkv, D] (after RoPE); k_cmp, v_cmp: [B, Tc, Hkv, D] (from ``compress``).
+        gates: [B, T, Hq, 3] branch weights (already through the sigmoid), ordered (cmp, slc, win).
+    Returns:
+        [B, T, Hq, Dv] in q's dtype.
+    """
+    o_cmp, lse_cmp = compressed_attention(q, k_cmp, v_cmp, kernel_size, kernel_stride, scale, cu_seqlens)
+    indices = select_blocks(
+        q, k_cmp, lse_cmp, kernel_size, kernel_stride, block_size, topk, init_blocks, local_blocks, scale,
+        cu_seqlens,
+    )
+    o_slc, _ = selected_attention(q, k, v, indices, block_size, scale, cu_seqlens)
+    o_win, _ = sliding_window_attention(q, k, v, window_size, scale, cu_seqlens)
+    gates = gates.to(o_cmp.dtype)
+    return gates[..., 0:1] * o_cmp + gates[..., 1:2] * o_slc + gates[..., 2:3] * o_win

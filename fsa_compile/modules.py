@@ -1,0 +1,106 @@
+"""``FlashSparseAttention``: an NSA attention layer (projections, compression, RoPE, gates, three branches)."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from fsa_compile.compression import compress, compressed_layout, rotary_embedding, token_positions
+from fsa_compile.functional import nsa_attention
+
+
+class FlashSparseAttention(nn.Module):
+    """Native Sparse Attention layer with the FSA selected-attention kernel.
+
+    ``o = o_proj(g_cmp * o_cmp + g_slc * o_slc + g_win * o_win)`` with per-query-head gates
+    ``g = sigmoid(gate_proj(x))``. Keys and values are compressed before RoPE; compressed keys get the RoPE
+    position of their window's last token.
+
+    Args:
+        hidden_size: model width.
+        num_heads, num_kv_heads: query heads Hq and KV heads Hkv (``Hq % Hkv == 0``).
+        head_dim: D (even, for RoPE).
+        kernel_size, kernel_stride: compression windows. Default: 32, 16.
+        block_size, topk: selected blocks. Default: 64, 16.
+        init_blocks, local_blocks: always-selected leading / local blocks. Default: 1, 2.
+        window_size: sliding window. Default: 512.
+        rope_theta: RoPE base. Default: 10000.
+    Shapes:
+        forward(x [B, T, hidden_size], cu_seqlens: int32 [N+1] or None) -> [B, T, hidden_size];
+        with cu_seqlens, x is packed as [1, total, hidden_size].
+    """
+
+    def __init__(
+        self, hidden_size: int, num_heads: int, num_kv_heads: int, head_dim: int, kernel_size: int = 32,
+        kernel_stride: int = 16, block_size: int = 64, topk: int = 16, init_blocks: int = 1,
+        local_blocks: int = 2, window_size: int = 512, rope_theta: float = 10000.0, device=None, dtype=None,
+    ):
+        super().__init__()
+        if num_kv_heads <= 0 or num_heads % num_kv_heads != 0:
+            raise ValueError(f"num_heads={num_heads} is not a multiple of num_kv_heads={num_kv_heads}")
+        if head_dim <= 0 or head_dim % 2 != 0:
+            raise ValueError(f"head_dim must be a positive even number (RoPE), got {head_dim}")
+        if init_blocks + local_blocks > topk:
+            raise ValueError(f"init_blocks + local_blocks must be <= topk, got {init_blocks} + {local_blocks} > {topk}")
+        if not 0 < kernel_stride <= kernel_size:
+            raise ValueError(f"need 0 < kernel_stride <= kernel_size, got {kernel_stride} and {kernel_size}")
+        factory = {"device": device, "dtype": dtype}
+        self.hidden_size, self.num_heads, self.num_kv_heads, self.head_dim = hidden_size, num_heads, num_kv_heads, head_dim
+        self.kernel_size, self.kernel_stride = kernel_size, kernel_stride
+        self.block_size, self.topk = block_size, topk
+        self.init_blocks, self.local_blocks, self.window_size = init_blocks, local_blocks, window_size
+        self.rope_theta = rope_theta
+        self.q_proj = nn.Linear(hidden_size, num_heads * head_dim, bias=False, **factory)
+        self.k_proj = nn.Linear(hidden_size, num_kv_heads * head_dim, bias=False, **factory)
+        self.v_proj = nn.Linear(hidden_size, num_kv_heads * head_dim, bias=False, **factory)
+        self.gate_proj = nn.Linear(hidden_size, num_heads * 3, bias=True, **factory)
+        self.o_proj = nn.Linear(num_heads * head_dim, hidden_size, bias=False, **factory)
+        compress_shape = (num_kv_heads, kernel_size * head_dim, head_dim)
+        pos_shape = (num_kv_heads, kernel_size, head_dim)
+        self.compress_key = nn.Parameter(torch.empty(compress_shape, **factory))
+        self.compress_key_pos = nn.Parameter(torch.empty(pos_shape, **factory))
+        self.compress_value = nn.Parameter(torch.empty(compress_shape, **factory))
+        self.compress_value_pos = nn.Parameter(torch.empty(pos_shape, **factory))
+        self.reset_compression()
+
+    @torch.no_grad()
+    def reset_compression(self) -> None:
+        """Start compression as mean pooling over each window, with zero position embeddings."""
+        pooling = torch.eye(self.head_dim).repeat(self.kernel_size, 1) / self.kernel_size  # [ks*D, D]
+        for weight in (self.compress_key, self.compress_value):
+            weight.copy_(pooling.expand_as(weight))
+        self.compress_key_pos.zero_()
+        self.compress_value_pos.zero_()
+
+    def extra_repr(self) -> str:
+        return (
+            f"hidden_size={self.hidden_size}, num_heads={self.num_heads}, num_kv_heads={self.num_kv_heads}, "
+            f"head_dim={self.head_dim}, kernel_size={self.kernel_size}, kernel_stride={self.kernel_stride}, "
+            f"block_size={self.block_size}, topk={self.topk}, window_size={self.window_size}"
+        )
+
+    def forward(self, x: Tensor, cu_seqlens: Tensor | None = None) -> Tensor:
+        if x.dim() != 3 or x.shape[-1] != self.hidden_size:
+            raise ValueError(f"x must be [B, T, hidden_size={self.hidden_size}], got shape {tuple(x.shape)}")
+        batch, num_tokens, _ = x.shape
+        q = self.q_proj(x).view(batch, num_tokens, self.num_heads, self.head_dim)
+        k = self.k_proj(x).view(batch, num_tokens, self.num_kv_heads, self.head_dim)
+        v = self.v_proj(x).view(batch, num_tokens, self.num_kv_heads, self.head_dim)
+        gates = torch.sigmoid(self.gate_proj(x)).view(batch, num_tokens, self.num_heads, 3)
+
+        ks, stride = self.kernel_size, self.kernel_stride
+        k_cmp = compress(k, self.compress_key, self.compress_key_pos, ks, stride, cu_seqlens)
+        v_cmp = compress(v, self.compress_value, self.compress_value_pos, ks, stride, cu_seqlens)
+
+        positions = token_positions(cu_seqlens, num_tokens, x.device)
+        _, cmp_positions, _ = compressed_layout(cu_seqlens, num_tokens, ks, stride, x.device)
+        q = rotary_embedding(q, positions, self.rope_theta)
+        k = rotary_embedding(k, positions, self.rope_theta)
+        k_cmp = rotary_embedding(k_cmp, cmp_positions, self.rope_theta)
+
+        o = nsa_attention(
+            q, k, v, k_cmp, v_cmp, gates, kernel_size=ks, kernel_stride=stride, block_size=self.block_size,
+            topk=self.topk, init_blocks=self.init_blocks, local_blocks=self.local_blocks,
+            window_size=self.window_size, cu_seqlens=cu_seqlens,
+        )
+        return self.o_proj(o.reshape(batch, num_tokens, self.num_heads * self.head_dim))

@@ -1,0 +1,154 @@
+"""Boundary checks shared by the ops: shapes, dtypes and devices only, never data (no host sync).
+
+Every check raises ``TypeError`` (wrong type or dtype) or ``ValueError`` (wrong shape, device or value),
+naming the argument and giving the expected and the given value. The ops call these from both their fake
+and their real implementation, so a bad call fails at trace time under ``torch.compile`` as well.
+"""
+
+from __future__ import annotations
+
+import torch
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+MAX_HEAD_DIM = 256
+
+
+def check_tensor(name: str, x, ndim: int, layout: str) -> None:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor {layout}, got {type(x).__name__}")
+    if x.dim() != ndim:
+        raise ValueError(f"{name} must be {ndim}-D {layout}, got shape {tuple(x.shape)}")
+
+
+def check_float(name: str, x: torch.Tensor, like: torch.Tensor | None = None, like_name: str = "q") -> None:
+    if x.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name} must be float16, bfloat16, float32 or float64, got {x.dtype}")
+    if like is not None and x.dtype != like.dtype:
+        raise TypeError(f"{name}.dtype must equal {like_name}.dtype={like.dtype}, got {x.dtype}")
+
+
+def check_device(name: str, x: torch.Tensor, like: torch.Tensor) -> None:
+    if x.device != like.device:
+        raise ValueError(f"{name} must be on {like.device} like q, got {x.device}")
+
+
+def check_positive(name: str, value, minimum: int = 1) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, torch.SymInt)):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+
+
+def check_scale(scale) -> None:
+    if scale is not None and (isinstance(scale, bool) or not isinstance(scale, (int, float))):
+        raise TypeError(f"scale must be a float or None, got {type(scale).__name__}")
+
+
+def check_qkv(q, k, v, k_name: str = "k", v_name: str = "v") -> None:
+    """q [B, Tq, Hq, D], k [B, Tk, Hkv, D], v [B, Tk, Hkv, Dv] with Hq % Hkv == 0."""
+    check_tensor("q", q, 4, "[B, Tq, Hq, D]")
+    check_tensor(k_name, k, 4, "[B, Tk, Hkv, D]")
+    check_tensor(v_name, v, 4, "[B, Tk, Hkv, Dv]")
+    check_float("q", q)
+    check_float(k_name, k, q)
+    check_float(v_name, v, q)
+    check_device(k_name, k, q)
+    check_device(v_name, v, q)
+    batch, _, hq, d = q.shape
+    if k.shape[0] != batch or v.shape[0] != batch:
+        raise ValueError(
+            f"batch sizes differ: q has B={batch}, {k_name} has B={k.shape[0]}, {v_name} has B={v.shape[0]}"
+        )
+    if k.shape[1] != v.shape[1]:
+        raise ValueError(f"{k_name} and {v_name} must have the same length, got {k.shape[1]} and {v.shape[1]}")
+    if k.shape[2] != v.shape[2]:
+        raise ValueError(f"{k_name} and {v_name} must have the same Hkv, got {k.shape[2]} and {v.shape[2]}")
+    if k.shape[3] != d:
+        raise ValueError(f"{k_name} head dim must equal q's D={d}, got {k.shape[3]}")
+    hkv = k.shape[2]
+    if hkv == 0 or hq % hkv != 0:
+        raise ValueError(f"Hq={hq} (q.shape[2]) is not a multiple of Hkv={hkv} ({k_name}.shape[2])")
+    for name, dim in (("q", d), (v_name, v.shape[3])):
+        if not 1 <= dim <= MAX_HEAD_DIM:
+            raise ValueError(f"{name} head dim must be in [1, {MAX_HEAD_DIM}], got {dim}")
+
+
+def check_cu_seqlens(cu_seqlens, q: torch.Tensor, num_keys: int) -> None:
+    """cu_seqlens int32 [N+1] with B == 1 and as many keys as queries.
+
+    Its values (start at 0, non-decreasing, last = T) can only be checked by reading it; the CPU kernels
+    do that, the CUDA kernels trust it so as not to synchronise.
+    """
+    if cu_seqlens is None:
+        return
+    if not isinstance(cu_seqlens, torch.Tensor):
+        raise TypeError(f"cu_seqlens must be a torch.Tensor or None, got {type(cu_seqlens).__name__}")
+    if cu_seqlens.dtype != torch.int32:
+        raise TypeError(f"cu_seqlens must be int32, got {cu_seqlens.dtype}")
+    if cu_seqlens.dim() != 1 or cu_seqlens.shape[0] < 2:
+        raise ValueError(f"cu_seqlens must be 1-D [N+1] with N >= 1, got shape {tuple(cu_seqlens.shape)}")
+    check_device("cu_seqlens", cu_seqlens, q)
+    if q.shape[0] != 1:
+        raise ValueError(f"with cu_seqlens, q must be packed with B=1, got B={q.shape[0]}")
+    if num_keys != q.shape[1]:
+        raise ValueError(
+            f"with cu_seqlens, keys and queries must be the same packed tokens: Tq={q.shape[1]}, Tk={num_keys}"
+        )
+
+
+def check_cu_seqlens_values(cu_seqlens: torch.Tensor, total: int) -> list[int]:
+    """Read cu_seqlens (CPU path only) and check its values; returns them as a list."""
+    bounds = cu_seqlens.tolist()
+    if bounds[0] != 0 or bounds[-1] != total or any(b > a for a, b in zip(bounds[1:], bounds[:-1])):
+        raise ValueError(f"cu_seqlens must start at 0, be non-decreasing and end at T={total}, got {bounds}")
+    return bounds
+
+
+def check_seqlen_k(seqlen_k, num_queries: int, cu_seqlens) -> int:
+    """Number of uncompressed keys: ``seqlen_k`` or, when None, the number of queries."""
+    if seqlen_k is None:
+        return num_queries
+    if cu_seqlens is not None:
+        raise ValueError("seqlen_k must be None with cu_seqlens (packed sequences have Tq == Tk)")
+    check_positive("seqlen_k", seqlen_k, minimum=0)
+    if seqlen_k < num_queries:
+        raise ValueError(f"seqlen_k must be >= Tq={num_queries} (queries are the last Tq keys), got {seqlen_k}")
+    return seqlen_k
+
+
+def check_compression(kernel_size, kernel_stride) -> None:
+    check_positive("kernel_size", kernel_size)
+    check_positive("kernel_stride", kernel_stride)
+    if kernel_stride > kernel_size:
+        raise ValueError(
+            f"kernel_stride must be <= kernel_size (windows may overlap but not leave gaps), "
+            f"got kernel_stride={kernel_stride}, kernel_size={kernel_size}"
+        )
+
+
+def num_compressed(num_keys, kernel_size: int, kernel_stride: int):
+    """Tc = max(0, (Tk - kernel_size) // kernel_stride + 1); with cu_seqlens, Tk is the packed total."""
+    return torch.sym_max(0, (num_keys - kernel_size) // kernel_stride + 1)
+
+
+def check_compressed_keys(name: str, k_cmp, q: torch.Tensor, num_keys, kernel_size, kernel_stride) -> None:
+    expected = num_compressed(num_keys, kernel_size, kernel_stride)
+    if k_cmp.shape[1] != expected:
+        raise ValueError(
+            f"{name} must have Tc = max(0, (Tk - kernel_size) // kernel_stride + 1) = {expected} rows "
+            f"(Tk={num_keys}, kernel_size={kernel_size}, kernel_stride={kernel_stride}), got {k_cmp.shape[1]}"
+        )
+
+
+def check_indices(indices, q: torch.Tensor, num_kv_heads: int) -> None:
+    """indices int32 [B, Tq, Hkv, topk]."""
+    check_tensor("indices", indices, 4, "[B, Tq, Hkv, topk]")
+    if indices.dtype != torch.int32:
+        raise TypeError(f"indices must be int32, got {indices.dtype}")
+    check_device("indices", indices, q)
+    expected = (q.shape[0], q.shape[1], num_kv_heads)
+    if tuple(indices.shape[:3]) != expected:
+        raise ValueError(
+            f"indices must have shape [B, Tq, Hkv, topk] = [{expected[0]}, {expected[1]}, {expected[2]}, topk], "
+            f"got {tuple(indices.shape)}"
+        )

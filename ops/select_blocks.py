@@ -1,0 +1,127 @@
+"""``torch.ops.fsa.select_blocks``: the top-k key blocks of every (query token, KV head).
+
+For the query at position t and KV head h (DESIGN.md):
+
+- ``p[hq, i] = exp(q_hq . k_cmp_i * scale - lse[hq])`` over the compressed keys t sees, summed over the G
+  query heads of the group;
+- block score ``s[j] = sum_i p[i] * w(i, j)``, ``w(i, j)`` = tokens shared by window
+  ``[i*kernel_stride, i*kernel_stride + kernel_size)`` and block ``[j*block_size, (j+1)*block_size)``,
+  divided by ``kernel_stride``;
+- candidates are ``j <= t // block_size``; blocks ``j < init_blocks`` and the ``local_blocks`` blocks
+  ending at ``t // block_size`` are forced in; the other slots take the highest scores (ties: lower j).
+
+q [B, Tq, Hq, D], k_cmp [B, Tc, Hkv, D], lse [B, Tq, Hq] (the compressed attention's) -> int32
+[B, Tq, Hkv, topk], ascending, ``-1`` slots last. Not differentiable.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from . import _torch_attention as torch_attention
+from . import _validation as check
+from ._library import op_name, resolve_scale
+from .compressed_attention import compressed_segments, visible_compressed
+
+
+def _check_inputs(
+    q, k_cmp, lse, kernel_size, kernel_stride, block_size, topk, init_blocks, local_blocks, scale, cu_seqlens,
+    seqlen_k,
+) -> None:
+    check.check_qkv(q, k_cmp, k_cmp, "k_cmp", "k_cmp")
+    check.check_tensor("lse", lse, 3, "[B, Tq, Hq]")
+    expected_lse = torch.float64 if q.dtype == torch.float64 else torch.float32
+    if lse.dtype != expected_lse:
+        raise TypeError(f"lse must be {expected_lse} (as compressed_attention returns it), got {lse.dtype}")
+    check.check_device("lse", lse, q)
+    if tuple(lse.shape) != tuple(q.shape[:3]):
+        raise ValueError(f"lse must have shape [B, Tq, Hq] = {list(q.shape[:3])}, got {list(lse.shape)}")
+    check.check_compression(kernel_size, kernel_stride)
+    check.check_positive("block_size", block_size)
+    check.check_positive("topk", topk)
+    check.check_positive("init_blocks", init_blocks, minimum=0)
+    check.check_positive("local_blocks", local_blocks, minimum=0)
+    if init_blocks + local_blocks > topk:
+        raise ValueError(
+            f"init_blocks + local_blocks must be <= topk, got {init_blocks} + {local_blocks} > {topk}"
+        )
+    check.check_scale(scale)
+    check.check_cu_seqlens(cu_seqlens, q, q.shape[1])
+    num_keys = check.check_seqlen_k(seqlen_k, q.shape[1], cu_seqlens)
+    check.check_compressed_keys("k_cmp", k_cmp, q, num_keys, kernel_size, kernel_stride)
+
+
+def _overlap_weights(num_cmp, num_blocks, kernel_size, kernel_stride, block_size, dtype, device):
+    """w [num_cmp, num_blocks]: tokens shared by window i and block j, divided by kernel_stride."""
+    window_start = torch.arange(num_cmp, device=device)[:, None] * kernel_stride
+    block_start = torch.arange(num_blocks, device=device)[None, :] * block_size
+    shared = torch.minimum(window_start + kernel_size, block_start + block_size) - torch.maximum(
+        window_start, block_start
+    )
+    return shared.clamp(min=0).to(dtype) / kernel_stride
+
+
+def _select_blocks_torch(
+    q, k_cmp, lse, kernel_size, kernel_stride, block_size, topk, init_blocks, local_blocks, scale, cu_seqlens,
+    seqlen_k,
+):
+    batch, num_queries, hq, d = q.shape
+    hkv = k_cmp.shape[2]
+    group = hq // hkv
+    acc = torch_attention.accumulation_dtype(q.dtype)
+    scale = resolve_scale(scale, d)
+    out = torch.full((batch, num_queries, hkv, topk), -1, dtype=torch.int32, device=q.device)
+    for segment in compressed_segments(q, kernel_size, kernel_stride, cu_seqlens, seqlen_k):
+        b = segment.batch
+        num_keys = segment.first_position + segment.query_end - segment.query_start
+        num_cmp = segment.key_end - segment.key_start
+        num_blocks = -(-num_keys // block_size)
+        width = max(num_blocks, topk)
+        weights = _overlap_weights(num_cmp, num_blocks, kernel_size, kernel_stride, block_size, acc, q.device)
+        block_ids = torch.arange(width, device=q.device)
+        chunk = torch_attention.chunk_size(hq * max(1, num_cmp) + hkv * width)
+        for start in range(segment.query_start, segment.query_end, chunk):
+            end = min(start + chunk, segment.query_end)
+            n = end - start
+            first = start - segment.query_start + segment.first_position
+            positions = range(first, first + n)
+            rows, visible = visible_compressed(positions, num_cmp, kernel_size, kernel_stride, q.device)
+            keys = k_cmp[b, segment.key_start + rows.start : segment.key_start + rows.stop].to(acc)  # [S, Hkv, D]
+            qc = q[b, start:end].reshape(n, hkv, group, d).to(acc)
+            logits = torch.einsum("chgd,shd->chgs", qc, keys) * scale
+            logits = logits - lse[b, start:end].reshape(n, hkv, group, 1).to(acc)
+            probs = torch.where(visible[:, None, None, :], torch.exp(logits), 0.0).sum(2)  # [C, Hkv, S]
+            scores = torch.matmul(probs, weights[rows])  # [C, Hkv, num_blocks]
+            scores = torch.nn.functional.pad(scores, (0, width - num_blocks), value=float("-inf"))
+
+            last_block = (torch.arange(first, first + n, device=q.device) // block_size).view(n, 1, 1)
+            candidate = block_ids <= last_block
+            forced = candidate & ((block_ids < init_blocks) | (block_ids > last_block - local_blocks))
+            scores = scores.masked_fill(~candidate, float("-inf")).masked_fill(forced, float("inf"))
+            # A stable descending sort keeps the lower block first among equal scores.
+            ranked, order = torch.sort(scores, dim=-1, descending=True, stable=True)
+            chosen = order[..., :topk].masked_fill(ranked[..., :topk] == float("-inf"), width)
+            chosen = torch.sort(chosen, dim=-1).values
+            out[b, start:end] = chosen.masked_fill(chosen == width, -1).to(torch.int32)
+    return out
+
+
+@torch.library.custom_op(op_name("select_blocks"), mutates_args=())
+def select_blocks(
+    q: Tensor, k_cmp: Tensor, lse: Tensor, kernel_size: int, kernel_stride: int, block_size: int, topk: int,
+    init_blocks: int, local_blocks: int, scale: float | None = None, cu_seqlens: Tensor | None = None,
+    seqlen_k: int | None = None,
+) -> Tensor:
+    args = (q, k_cmp, lse, kernel_size, kernel_stride, block_size, topk, init_blocks, local_blocks, scale,
+            cu_seqlens, seqlen_k)
+    _check_inputs(*args)
+    return _select_blocks_torch(*args)
+
+
+@select_blocks.register_fake
+def _(q, k_cmp, lse, kernel_size, kernel_stride, block_size, topk, init_blocks, local_blocks, scale=None,
+      cu_seqlens=None, seqlen_k=None):
+    _check_inputs(q, k_cmp, lse, kernel_size, kernel_stride, block_size, topk, init_blocks, local_blocks, scale,
+                  cu_seqlens, seqlen_k)
+    return q.new_empty(q.shape[0], q.shape[1], k_cmp.shape[2], topk, dtype=torch.int32)

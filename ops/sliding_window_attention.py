@@ -1,0 +1,74 @@
+"""``torch.ops.fsa.sliding_window_attention``: query at position t attends keys ``t - window_size < s <= t``.
+
+q [B, Tq, Hq, D], k [B, Tk, Hkv, D], v [B, Tk, Hkv, Dv] -> o [B, Tq, Hq, Dv], lse [B, Tq, Hq] (float32).
+Differentiable in q, k, v. Kernels: vectorised PyTorch (CPU, and CUDA until the Triton kernel lands).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from . import _torch_attention as torch_attention
+from . import _validation as check
+from ._library import attention_grads_like, attention_outputs_like, op_name, register_attention_autograd, resolve_scale
+
+
+def _check_inputs(q, k, v, window_size, scale, cu_seqlens) -> None:
+    check.check_qkv(q, k, v)
+    check.check_positive("window_size", window_size)
+    check.check_scale(scale)
+    check.check_cu_seqlens(cu_seqlens, q, k.shape[1])
+    if k.shape[1] < q.shape[1]:
+        raise ValueError(f"k must have at least as many tokens as q: Tq={q.shape[1]}, Tk={k.shape[1]}")
+
+
+def _plan(q, k, window_size, cu_seqlens):
+    """Segments and the key selector of the CPU kernel."""
+    bounds = None if cu_seqlens is None else check.check_cu_seqlens_values(cu_seqlens, q.shape[1])
+    segments = torch_attention.sequence_segments(q.shape[0], q.shape[1], k.shape[1], bounds)
+    chunk = torch_attention.chunk_size(q.shape[2] * (min(window_size, k.shape[1]) + 256), cap=256)
+
+    def select_keys(segment, positions):
+        lo, hi = max(0, positions.start - window_size + 1), positions.stop
+        query_pos = torch.arange(positions.start, positions.stop, device=q.device)
+        distance = query_pos[:, None] - torch.arange(lo, hi, device=q.device)[None, :]
+        return slice(lo, hi), ((distance >= 0) & (distance < window_size))[:, None, None, :]
+
+    return segments, select_keys, chunk
+
+
+@torch.library.custom_op(op_name("sliding_window_attention"), mutates_args=())
+def sliding_window_attention(
+    q: Tensor, k: Tensor, v: Tensor, window_size: int, scale: float | None = None, cu_seqlens: Tensor | None = None
+) -> tuple[Tensor, Tensor]:
+    _check_inputs(q, k, v, window_size, scale, cu_seqlens)
+    segments, select_keys, chunk = _plan(q, k, window_size, cu_seqlens)
+    return torch_attention.attention_forward(
+        q, k, v, resolve_scale(scale, q.shape[-1]), segments, select_keys, chunk
+    )
+
+
+@sliding_window_attention.register_fake
+def _(q, k, v, window_size, scale=None, cu_seqlens=None):
+    _check_inputs(q, k, v, window_size, scale, cu_seqlens)
+    return attention_outputs_like(q, v.shape[-1])
+
+
+@torch.library.custom_op(op_name("sliding_window_attention_backward"), mutates_args=())
+def sliding_window_attention_backward(
+    do: Tensor, dlse: Tensor | None, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor,
+    window_size: int, scale: float | None = None, cu_seqlens: Tensor | None = None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    segments, select_keys, chunk = _plan(q, k, window_size, cu_seqlens)
+    return torch_attention.attention_backward(
+        do, dlse, q, k, v, o, lse, resolve_scale(scale, q.shape[-1]), segments, select_keys, chunk
+    )
+
+
+@sliding_window_attention_backward.register_fake
+def _(do, dlse, q, k, v, o, lse, window_size, scale=None, cu_seqlens=None):
+    return attention_grads_like(q, k, v)
+
+
+register_attention_autograd(sliding_window_attention, sliding_window_attention_backward)
