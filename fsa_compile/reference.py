@@ -11,14 +11,13 @@ positions restart at 0; query head ``h`` uses KV head ``h // G``.
 
 from __future__ import annotations
 
-import math
-
 import torch
 
 __all__ = [
     "rotary_embedding",
     "compress",
     "compressed_attention",
+    "block_scores",
     "select_blocks",
     "selected_attention",
     "sliding_window_attention",
@@ -154,13 +153,13 @@ def compressed_attention(q, k_cmp, v_cmp, kernel_size, kernel_stride, scale=None
     return torch.stack(outs), torch.stack(lses)
 
 
-def select_blocks(
-    q, k_cmp, lse, kernel_size, kernel_stride, block_size, topk, init_blocks, local_blocks,
-    scale=None, cu_seqlens=None, seqlen_k=None,
-):
-    """Top-k key blocks per (query token, KV head), from the compressed attention probabilities.
+def block_scores(q, k_cmp, lse, kernel_size, kernel_stride, block_size, scale=None, cu_seqlens=None, seqlen_k=None):
+    """Selection score of every key block, token by token, exactly as DESIGN.md states it.
 
-    Token by token, exactly as DESIGN.md states it. Returns int32 [B, Tq, Hkv, topk], ascending, -1 last.
+    ``score[b, t, h, j] = sum_i (sum_{hq in group h} exp(q_hq . k_cmp_i * scale - lse[hq])) * w(i, j)`` over
+    the compressed keys i visible to t, ``w(i, j)`` = tokens shared by window i and block j over
+    ``kernel_stride``. Non-candidate blocks (``j > t // block_size``) are ``-inf``.
+    -> float64 [B, Tq, Hkv, max_blocks] where max_blocks covers the longest sequence.
     """
     batch, tq, hq, _ = q.shape
     hkv = k_cmp.shape[2]
@@ -168,7 +167,8 @@ def select_blocks(
     if scale is None:
         scale = q.shape[-1] ** -0.5
     tk = tq if seqlen_k is None else seqlen_k
-    out = torch.full((batch, tq, hkv, topk), -1, dtype=torch.int32)
+    max_blocks = -(-tk // block_size)
+    out = torch.full((batch, tq, hkv, max_blocks), float("-inf"), dtype=torch.float64)
     for b in range(batch):
         if cu_seqlens is None:
             seqs = [(0, tq, 0, tk)]
@@ -182,29 +182,48 @@ def select_blocks(
             nc = _num_windows(nk, kernel_size, kernel_stride)
             for i in range(nq):
                 t = nk - nq + i
-                visible = [c for c in range(nc) if t >= c * kernel_stride + kernel_size - 1]
-                last_block = t // block_size
+                num_visible = sum(1 for c in range(nc) if t >= c * kernel_stride + kernel_size - 1)
                 for h in range(hkv):
-                    score = {}
-                    for j in range(last_block + 1):
+                    heads = slice(h * group, (h + 1) * group)
+                    keys = k_cmp[b, cs : cs + num_visible, h].double()  # [visible, D]
+                    logits = keys @ q[b, qs + i, heads].double().T * scale  # [visible, G]
+                    probs = torch.exp(logits - lse[b, qs + i, heads].double()).sum(-1).tolist()  # [visible]
+                    for j in range(t // block_size + 1):
                         total = 0.0
-                        for c in visible:
+                        for c in range(num_visible):
                             lo = max(c * kernel_stride, j * block_size)
                             hi = min(c * kernel_stride + kernel_size, (j + 1) * block_size)
-                            if hi <= lo:
-                                continue
-                            prob = 0.0
-                            for hh in range(h * group, (h + 1) * group):
-                                logit = float(q[b, qs + i, hh].double() @ k_cmp[b, cs + c, h].double()) * scale
-                                prob += math.exp(logit - float(lse[b, qs + i, hh]))
-                            total += prob * (hi - lo) / kernel_stride
-                        score[j] = total
-                    forced = {j for j in range(min(init_blocks, last_block + 1))}
-                    forced |= {j for j in range(max(0, last_block - local_blocks + 1), last_block + 1)}
-                    rest = sorted((j for j in score if j not in forced), key=lambda j: (-score[j], j))
-                    chosen = sorted(forced) + rest[: max(0, topk - len(forced))]
-                    chosen = sorted(chosen)[:topk]
-                    out[b, qs + i, h, : len(chosen)] = torch.tensor(chosen, dtype=torch.int32)
+                            if hi > lo:
+                                total += probs[c] * (hi - lo) / kernel_stride
+                        out[b, qs + i, h, j] = total
+    return out
+
+
+def select_blocks(
+    q, k_cmp, lse, kernel_size, kernel_stride, block_size, topk, init_blocks, local_blocks,
+    scale=None, cu_seqlens=None, seqlen_k=None,
+):
+    """Top-k key blocks per (query token, KV head): forced blocks first, then the highest ``block_scores``.
+
+    Forced: ``j < init_blocks`` and the ``local_blocks`` blocks ending at ``t // block_size``; ties go to the
+    lower j. Returns int32 [B, Tq, Hkv, topk], ascending, -1 last.
+    """
+    q, k_cmp, lse = q.detach(), k_cmp.detach(), lse.detach()
+    scores = block_scores(q, k_cmp, lse, kernel_size, kernel_stride, block_size, scale, cu_seqlens, seqlen_k)
+    batch, tq, hkv, _ = scores.shape
+    out = torch.full((batch, tq, hkv, topk), -1, dtype=torch.int32)
+    for b in range(batch):
+        for t in range(tq):
+            for h in range(hkv):
+                candidates = [j for j, s in enumerate(scores[b, t, h].tolist()) if s != float("-inf")]
+                if not candidates:
+                    continue
+                last_block = candidates[-1]
+                row = scores[b, t, h].tolist()
+                forced = {j for j in candidates if j < init_blocks or j > last_block - local_blocks}
+                rest = sorted((j for j in candidates if j not in forced), key=lambda j: (-row[j], j))
+                chosen = sorted(list(forced) + rest[: max(0, topk - len(forced))])
+                out[b, t, h, : len(chosen)] = torch.tensor(chosen, dtype=torch.int32)
     return out.to(q.device)
 
 

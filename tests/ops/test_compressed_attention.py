@@ -1,0 +1,72 @@
+import pytest
+import torch
+
+import fsa_compile
+from fsa_compile import reference
+from tests._testing import DEVICE, case_params, check_attention, make_qkv
+
+COMPRESSION = [(8, 4), (16, 16), (32, 16)]
+
+
+def compressed_inputs(case, dtype, kernel_size, kernel_stride):
+    q, _, _, cu = case.inputs(dtype)
+    num_cmp = max(0, (case.num_keys - kernel_size) // kernel_stride + 1)
+    _, k_cmp, v_cmp = make_qkv(case.batch, 1, num_cmp, case.hq, case.hkv, case.d, case.dv, dtype)
+    seqlen_k = None if case.num_keys == case.num_queries else case.num_keys
+    return q, k_cmp, v_cmp, cu, seqlen_k
+
+
+@pytest.mark.parametrize("kernel_size,kernel_stride", COMPRESSION, ids=lambda x: str(x))
+@pytest.mark.parametrize("case,dtype", case_params())
+def test_matches_reference(case, dtype, kernel_size, kernel_stride):
+    q, k_cmp, v_cmp, cu, seqlen_k = compressed_inputs(case, dtype, kernel_size, kernel_stride)
+    out = fsa_compile.compressed_attention(q, k_cmp, v_cmp, kernel_size, kernel_stride, cu_seqlens=cu, seqlen_k=seqlen_k)
+    check_attention(
+        out,
+        lambda q, k, v: reference.compressed_attention(q, k, v, kernel_size, kernel_stride, None, cu, seqlen_k),
+        (q, k_cmp, v_cmp),
+        dtype,
+    )
+
+
+def test_queries_that_see_nothing_get_zero_and_minus_inf():
+    # T shorter than kernel_size: no compressed key at all.
+    q, k_cmp, v_cmp = make_qkv(2, 20, 0, 4, 2, 16)
+    o, lse = fsa_compile.compressed_attention(q, k_cmp, v_cmp, 32, 16)
+    assert torch.equal(o, torch.zeros_like(o)) and torch.all(lse == float("-inf"))
+    (o.sum() + lse.masked_fill(lse.isinf(), 0).sum()).backward()
+    assert torch.equal(q.grad, torch.zeros_like(q))
+    # Longer T: the first kernel_size - 1 queries see nothing, the rest see something.
+    q, k_cmp, v_cmp = make_qkv(1, 50, 3, 2, 1, 8)
+    o, lse = fsa_compile.compressed_attention(q, k_cmp, v_cmp, 16, 16)
+    assert torch.all(lse[:, :15] == float("-inf")) and torch.all(torch.isfinite(lse[:, 15:]))
+    assert torch.equal(o[:, :15], torch.zeros_like(o[:, :15]))
+
+
+def test_gradcheck():
+    q, k, v = make_qkv(1, 13, 4, 2, 1, 4, 3, dtype=torch.float64)
+
+    def fn(q, k, v):
+        o, lse = fsa_compile.compressed_attention(q, k, v, 4, 3)
+        return o, lse.masked_fill(lse.isinf(), 0)
+
+    torch.autograd.gradcheck(fn, (q, k, v))
+
+
+@pytest.mark.parametrize("varlen", [False, True], ids=["dense", "varlen"])
+def test_opcheck(varlen):
+    q, k_cmp, v_cmp = make_qkv(1, 37, 8, 4, 2, 16)
+    cu = torch.tensor([0, 20, 37], dtype=torch.int32, device=DEVICE) if varlen else None
+    args = (q, k_cmp, v_cmp, 8, 4, None, cu)
+    torch.library.opcheck(torch.ops.fsa.compressed_attention, args)
+    o, lse = torch.ops.fsa.compressed_attention(*args)
+    for dlse in (None, torch.randn_like(lse)):
+        torch.library.opcheck(
+            torch.ops.fsa.compressed_attention_backward,
+            (torch.randn_like(o), dlse, q.detach(), k_cmp.detach(), v_cmp.detach(), o.detach(), lse.detach(), 8, 4, None, cu),
+        )
+
+
+def test_opcheck_fewer_queries_than_keys():
+    q, k_cmp, v_cmp = make_qkv(2, 5, 9, 4, 4, 16)
+    torch.library.opcheck(torch.ops.fsa.compressed_attention, (q, k_cmp, v_cmp, 8, 4, 0.2, None, 40))

@@ -1,0 +1,101 @@
+import pytest
+import torch
+
+import fsa_compile
+from fsa_compile import reference
+from tests._testing import DEVICE, SMALL_CASES, make_qkv
+
+# (kernel_size, kernel_stride, block_size, topk, init_blocks, local_blocks)
+SELECTIONS = [
+    (8, 4, 16, 3, 1, 1),
+    (16, 8, 16, 4, 0, 2),
+    (32, 16, 32, 2, 1, 1),
+    (8, 4, 8, 24, 2, 2),  # topk larger than the number of causal blocks
+]
+
+
+def selection_inputs(case, dtype, kernel_size, kernel_stride):
+    q, _, _, cu = case.inputs(dtype)
+    q = q.detach()
+    num_cmp = max(0, (case.num_keys - kernel_size) // kernel_stride + 1)
+    k_cmp = torch.randn(case.batch, num_cmp, case.hkv, case.d, dtype=dtype, device=DEVICE)
+    seqlen_k = None if case.num_keys == case.num_queries else case.num_keys
+    _, lse = fsa_compile.compressed_attention(q, k_cmp, k_cmp, kernel_size, kernel_stride, None, cu, seqlen_k)
+    return q, k_cmp, lse, cu, seqlen_k
+
+
+def check_format(indices, topk, block_size, num_keys_last_position):
+    """Ascending, unique, -1 last, causal."""
+    valid = indices >= 0
+    assert torch.all(valid[..., 1:] <= valid[..., :-1]), "-1 slots must come last"
+    ascending = indices[..., 1:] > indices[..., :-1]
+    assert torch.all(torch.where(valid[..., 1:], ascending, True)), "indices must be strictly ascending"
+    assert torch.all(torch.where(valid, indices <= num_keys_last_position // block_size, True)), "non-causal block"
+
+
+@pytest.mark.parametrize("selection", SELECTIONS, ids=lambda s: "ks{}-st{}-bs{}-topk{}-init{}-local{}".format(*s))
+@pytest.mark.parametrize("case", SMALL_CASES, ids=lambda c: c.id)
+def test_matches_reference_exactly_in_float64(case, selection):
+    ks, stride, bs, topk, init, local = selection
+    q, k_cmp, lse, cu, seqlen_k = selection_inputs(case, torch.float64, ks, stride)
+    got = fsa_compile.select_blocks(q, k_cmp, lse, ks, stride, bs, topk, init, local, None, cu, seqlen_k)
+    want = reference.select_blocks(q, k_cmp, lse, ks, stride, bs, topk, init, local, None, cu, seqlen_k)
+    assert got.dtype == torch.int32 and got.shape == (case.batch, case.num_queries, case.hkv, topk)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+@pytest.mark.parametrize("case", SMALL_CASES, ids=lambda c: c.id)
+def test_selected_score_matches_reference(case, dtype):
+    """Low precision may swap near-tied blocks: compare the total reference score of the chosen blocks."""
+    ks, stride, bs, topk, init, local = 8, 4, 16, 3, 1, 1
+    q, k_cmp, lse, cu, seqlen_k = selection_inputs(case, dtype, ks, stride)
+    got = fsa_compile.select_blocks(q, k_cmp, lse, ks, stride, bs, topk, init, local, None, cu, seqlen_k)
+    want = reference.select_blocks(q, k_cmp, lse, ks, stride, bs, topk, init, local, None, cu, seqlen_k)
+    scores = reference.block_scores(q, k_cmp, lse, ks, stride, bs, None, cu, seqlen_k)
+    scores = torch.nn.functional.pad(scores, (0, 1))  # the -1 slots read this zero column
+
+    def total(indices):
+        return scores.gather(-1, indices.long().cpu().masked_fill(indices.cpu() < 0, scores.shape[-1] - 1)).sum(-1)
+
+    assert torch.equal(got.cpu() >= 0, want.cpu() >= 0), "number of selected blocks differs"
+    torch.testing.assert_close(total(got), total(want), rtol=1e-2 if dtype == torch.float16 else 1e-4, atol=1e-4)
+    check_format(got, topk, bs, case.num_keys - 1)
+
+
+def test_ties_go_to_the_lower_block():
+    # q = 0: every visible compressed key is equally likely, so many blocks tie.
+    q = torch.zeros(1, 90, 2, 8, dtype=torch.float64, device=DEVICE)
+    k_cmp = torch.randn(1, (90 - 8) // 8 + 1, 1, 8, dtype=torch.float64, device=DEVICE)
+    _, lse = fsa_compile.compressed_attention(q, k_cmp, k_cmp, 8, 8)
+    got = fsa_compile.select_blocks(q, k_cmp, lse, 8, 8, 8, 3, 0, 1)
+    want = reference.select_blocks(q, k_cmp, lse, 8, 8, 8, 3, 0, 1)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    # Query at t=89 (block 11): local block 11 is forced; blocks 0..10 tie, so 0 and 1 win.
+    assert got[0, 89, 0].tolist() == [0, 1, 11]
+
+
+def test_nothing_visible_gives_forced_blocks_then_the_lowest():
+    q = torch.randn(1, 20, 2, 8, device=DEVICE)
+    k_cmp = torch.randn(1, 0, 1, 8, device=DEVICE)
+    _, lse = fsa_compile.compressed_attention(q, k_cmp, k_cmp, 32, 16)
+    got = fsa_compile.select_blocks(q, k_cmp, lse, 32, 16, 4, 4, 1, 2)
+    last = torch.arange(20, device=DEVICE) // 4
+    expected = torch.full((20, 4), -1, dtype=torch.int32)
+    for t in range(20):
+        # Forced: init block 0 and the two blocks ending at t // 4; every other candidate scores 0 (a tie),
+        # so the remaining slots go to the lowest candidate blocks.
+        forced = {0, *range(max(0, int(last[t]) - 1), int(last[t]) + 1)}
+        rest = [j for j in range(int(last[t]) + 1) if j not in forced][: 4 - len(forced)]
+        blocks = sorted(forced | set(rest))
+        expected[t, : len(blocks)] = torch.tensor(blocks, dtype=torch.int32)
+    assert torch.equal(got[0, :, 0].cpu(), expected)
+
+
+@pytest.mark.parametrize("varlen", [False, True], ids=["dense", "varlen"])
+def test_opcheck(varlen):
+    q, k_cmp, _ = make_qkv(1, 37, 8, 4, 2, 16)
+    q, k_cmp = q.detach(), k_cmp.detach()
+    cu = torch.tensor([0, 20, 37], dtype=torch.int32, device=DEVICE) if varlen else None
+    _, lse = fsa_compile.compressed_attention(q, k_cmp, k_cmp, 8, 4, None, cu)
+    torch.library.opcheck(torch.ops.fsa.select_blocks, (q, k_cmp, lse, 8, 4, 8, 3, 1, 1, None, cu))

@@ -1,0 +1,69 @@
+import pytest
+import torch
+
+import fsa_compile
+from fsa_compile import reference
+from tests._testing import DEVICE, case_params, check_attention, make_indices, make_qkv
+
+BLOCKS = [(16, 3), (32, 2), (16, 12)]  # (block_size, topk); the last asks for more blocks than exist
+
+
+@pytest.mark.parametrize("block_size,topk", BLOCKS, ids=lambda x: str(x))
+@pytest.mark.parametrize("case,dtype", case_params())
+def test_matches_reference(case, dtype, block_size, topk):
+    q, k, v, cu = case.inputs(dtype)
+    indices = make_indices(case.batch, case.num_queries, case.num_keys, case.hkv, block_size, topk, cu)
+    out = fsa_compile.selected_attention(q, k, v, indices, block_size, cu_seqlens=cu)
+    check_attention(
+        out, lambda q, k, v: reference.selected_attention(q, k, v, indices, block_size, None, cu), (q, k, v), dtype
+    )
+
+
+def test_out_of_range_indices_are_ignored():
+    q, k, v = make_qkv(2, 50, 70, 4, 2, 16)
+    indices = make_indices(2, 50, 70, 2, 8, 4)
+    # Poison the empty slots with blocks past the end (9 * 8 > 69), far out of range and negative values.
+    junk = torch.tensor([999, 9, -5, 2**30], dtype=torch.int32, device=DEVICE)
+    poisoned = torch.where(indices < 0, junk.expand_as(indices), indices)
+    clean_o, clean_lse = fsa_compile.selected_attention(q, k, v, indices, 8)
+    o, lse = fsa_compile.selected_attention(q, k, v, poisoned, 8)
+    torch.testing.assert_close(o, clean_o, rtol=0, atol=0)
+    torch.testing.assert_close(lse, clean_lse, rtol=0, atol=0)
+
+
+def test_all_blocks_selected_is_causal_attention():
+    q, k, v = make_qkv(1, 45, 45, 4, 1, 16, dtype=torch.float64)
+    indices = torch.arange(3, dtype=torch.int32).expand(1, 45, 1, 3).contiguous()
+    o, _ = fsa_compile.selected_attention(q, k, v, indices, 16)
+    k_rep, v_rep = (x.repeat_interleave(4, dim=2) for x in (k, v))
+    expected = torch.nn.functional.scaled_dot_product_attention(
+        q.transpose(1, 2), k_rep.transpose(1, 2), v_rep.transpose(1, 2), is_causal=True
+    ).transpose(1, 2)
+    torch.testing.assert_close(o, expected)
+
+
+def test_no_block_gives_zero_and_minus_inf():
+    q, k, v = make_qkv(1, 10, 10, 2, 1, 8)
+    indices = torch.full((1, 10, 1, 2), -1, dtype=torch.int32, device=DEVICE)
+    o, lse = fsa_compile.selected_attention(q, k, v, indices, 4)
+    assert torch.equal(o, torch.zeros_like(o)) and torch.all(lse == float("-inf"))
+
+
+def test_gradcheck():
+    q, k, v = make_qkv(1, 11, 14, 2, 1, 4, 3, dtype=torch.float64)
+    indices = make_indices(1, 11, 14, 1, 4, 2)
+    torch.autograd.gradcheck(lambda q, k, v: fsa_compile.selected_attention(q, k, v, indices, 4), (q, k, v))
+
+
+@pytest.mark.parametrize("varlen", [False, True], ids=["dense", "varlen"])
+def test_opcheck(varlen):
+    q, k, v = make_qkv(1, 29, 29, 4, 2, 16)
+    cu = torch.tensor([0, 13, 29], dtype=torch.int32, device=DEVICE) if varlen else None
+    indices = make_indices(1, 29, 29, 2, 4, 3, cu)
+    torch.library.opcheck(torch.ops.fsa.selected_attention, (q, k, v, indices, 4, None, cu))
+    o, lse = torch.ops.fsa.selected_attention(q, k, v, indices, 4, None, cu)
+    for dlse in (None, torch.randn_like(lse)):
+        torch.library.opcheck(
+            torch.ops.fsa.selected_attention_backward,
+            (torch.randn_like(o), dlse, q.detach(), k.detach(), v.detach(), o.detach(), lse.detach(), indices, 4, None, cu),
+        )

@@ -1,0 +1,48 @@
+import pytest
+import torch
+
+import fsa_compile
+from fsa_compile import reference
+from tests._testing import DEVICE, case_params, check_attention, make_qkv
+
+
+@pytest.mark.parametrize("window_size", [1, 16, 45, 10_000])
+@pytest.mark.parametrize("case,dtype", case_params())
+def test_matches_reference(case, dtype, window_size):
+    q, k, v, cu = case.inputs(dtype)
+    out = fsa_compile.sliding_window_attention(q, k, v, window_size, cu_seqlens=cu)
+    check_attention(out, lambda q, k, v: reference.sliding_window_attention(q, k, v, window_size, None, cu), (q, k, v), dtype)
+
+
+def test_custom_scale_and_noncontiguous_inputs():
+    q, k, v = make_qkv(2, 40, 40, 4, 2, 32, dtype=torch.float64)
+    # Non-contiguous views: heads and tokens swapped in memory.
+    qt, kt, vt = (x.detach().transpose(1, 2).contiguous().transpose(1, 2).requires_grad_() for x in (q, k, v))
+    assert not qt.is_contiguous()
+    out = fsa_compile.sliding_window_attention(qt, kt, vt, 7, scale=0.3)
+    check_attention(out, lambda q, k, v: reference.sliding_window_attention(q, k, v, 7, 0.3), (qt, kt, vt), torch.float64)
+
+
+def test_gradcheck():
+    q, k, v = make_qkv(1, 9, 12, 2, 1, 4, 3, dtype=torch.float64)
+    cu = None
+    torch.autograd.gradcheck(lambda q, k, v: fsa_compile.sliding_window_attention(q, k, v, 4, None, cu), (q, k, v))
+
+
+def test_gradcheck_varlen():
+    q, k, v = make_qkv(1, 11, 11, 2, 2, 4, dtype=torch.float64)
+    cu = torch.tensor([0, 5, 11], dtype=torch.int32, device=q.device)
+    torch.autograd.gradcheck(lambda q, k, v: fsa_compile.sliding_window_attention(q, k, v, 3, None, cu), (q, k, v))
+
+
+@pytest.mark.parametrize("varlen", [False, True], ids=["dense", "varlen"])
+def test_opcheck(varlen):
+    q, k, v = make_qkv(1, 21, 21, 4, 2, 16)
+    cu = torch.tensor([0, 8, 21], dtype=torch.int32, device=DEVICE) if varlen else None
+    torch.library.opcheck(torch.ops.fsa.sliding_window_attention, (q, k, v, 5, None, cu))
+    o, lse = torch.ops.fsa.sliding_window_attention(q, k, v, 5, None, cu)
+    for dlse in (None, torch.randn_like(lse)):
+        torch.library.opcheck(
+            torch.ops.fsa.sliding_window_attention_backward,
+            (torch.randn_like(o), dlse, q.detach(), k.detach(), v.detach(), o.detach(), lse.detach(), 5, None, cu),
+        )
