@@ -12,6 +12,7 @@ import torch
 from torch import Tensor
 
 import fsa_compile.ops  # noqa: F401  (registers torch.ops.fsa.*)
+from fsa_compile.ops._validation import check_argument_types
 
 
 def compressed_attention(
@@ -31,6 +32,11 @@ def compressed_attention(
     Returns:
         o [B, Tq, Hq, Dv] (0 where nothing is visible), lse [B, Tq, Hq] float32 (-inf there).
     """
+    check_argument_types(
+        tensors=(("q", q), ("k_cmp", k_cmp), ("v_cmp", v_cmp)), optional_tensors=(("cu_seqlens", cu_seqlens),),
+        ints=(("kernel_size", kernel_size), ("kernel_stride", kernel_stride)), optional_ints=(("seqlen_k", seqlen_k),),
+        scale=scale,
+    )
     return torch.ops.fsa.compressed_attention(q, k_cmp, v_cmp, kernel_size, kernel_stride, scale, cu_seqlens, seqlen_k)
 
 
@@ -49,6 +55,12 @@ def select_blocks(
     Returns:
         int32 [B, Tq, Hkv, topk], ascending, ``-1`` for empty slots (last). Not differentiable.
     """
+    check_argument_types(
+        tensors=(("q", q), ("k_cmp", k_cmp), ("lse", lse)), optional_tensors=(("cu_seqlens", cu_seqlens),),
+        ints=(("kernel_size", kernel_size), ("kernel_stride", kernel_stride), ("block_size", block_size),
+              ("topk", topk), ("init_blocks", init_blocks), ("local_blocks", local_blocks)),
+        optional_ints=(("seqlen_k", seqlen_k),), scale=scale,
+    )
     return torch.ops.fsa.select_blocks(
         q, k_cmp, lse, kernel_size, kernel_stride, block_size, topk, init_blocks, local_blocks, scale,
         cu_seqlens, seqlen_k,
@@ -68,6 +80,10 @@ def selected_attention(
     Returns:
         o [B, Tq, Hq, Dv], lse [B, Tq, Hq] float32.
     """
+    check_argument_types(
+        tensors=(("q", q), ("k", k), ("v", v), ("indices", indices)), optional_tensors=(("cu_seqlens", cu_seqlens),),
+        ints=(("block_size", block_size),), scale=scale,
+    )
     return torch.ops.fsa.selected_attention(q, k, v, indices, block_size, scale, cu_seqlens)
 
 
@@ -79,6 +95,10 @@ def sliding_window_attention(
     Returns:
         o [B, Tq, Hq, Dv], lse [B, Tq, Hq] float32.
     """
+    check_argument_types(
+        tensors=(("q", q), ("k", k), ("v", v)), optional_tensors=(("cu_seqlens", cu_seqlens),),
+        ints=(("window_size", window_size),), scale=scale,
+    )
     return torch.ops.fsa.sliding_window_attention(q, k, v, window_size, scale, cu_seqlens)
 
 

@@ -33,14 +33,28 @@ def check_device(name: str, x: torch.Tensor, like: torch.Tensor) -> None:
 
 
 def check_positive(name: str, value, minimum: int = 1) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, torch.SymInt)):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
     if value < minimum:
         raise ValueError(f"{name} must be >= {minimum}, got {value}")
 
 
-def check_scale(scale) -> None:
-    if scale is not None and (isinstance(scale, bool) or not isinstance(scale, (int, float))):
+def check_argument_types(tensors=(), optional_tensors=(), ints=(), optional_ints=(), scale=None) -> None:
+    """Python-level types of the public functions' arguments (the dispatcher would raise RuntimeError).
+
+    Each of tensors/optional_tensors/ints/optional_ints is a sequence of (name, value).
+    """
+    for name, value in tensors:
+        if not isinstance(value, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
+    for name, value in optional_tensors:
+        if value is not None and not isinstance(value, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor or None, got {type(value).__name__}")
+    for name, value in ints:
+        if isinstance(value, bool) or not isinstance(value, (int, torch.SymInt)):
+            raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    for name, value in optional_ints:
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, torch.SymInt))):
+            raise TypeError(f"{name} must be an int or None, got {type(value).__name__}")
+    if scale is not None and (isinstance(scale, bool) or not isinstance(scale, (int, float, torch.SymFloat))):
         raise TypeError(f"scale must be a float or None, got {type(scale).__name__}")
 
 

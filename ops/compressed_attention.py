@@ -23,7 +23,6 @@ from ._library import attention_grads_like, attention_outputs_like, op_name, reg
 def _check_inputs(q, k_cmp, v_cmp, kernel_size, kernel_stride, scale, cu_seqlens, seqlen_k) -> None:
     check.check_qkv(q, k_cmp, v_cmp, "k_cmp", "v_cmp")
     check.check_compression(kernel_size, kernel_stride)
-    check.check_scale(scale)
     check.check_cu_seqlens(cu_seqlens, q, q.shape[1])
     num_keys = check.check_seqlen_k(seqlen_k, q.shape[1], cu_seqlens)
     check.check_compressed_keys("k_cmp", k_cmp, q, num_keys, kernel_size, kernel_stride)

@@ -46,7 +46,6 @@ def _check_inputs(
         raise ValueError(
             f"init_blocks + local_blocks must be <= topk, got {init_blocks} + {local_blocks} > {topk}"
         )
-    check.check_scale(scale)
     check.check_cu_seqlens(cu_seqlens, q, q.shape[1])
     num_keys = check.check_seqlen_k(seqlen_k, q.shape[1], cu_seqlens)
     check.check_compressed_keys("k_cmp", k_cmp, q, num_keys, kernel_size, kernel_stride)

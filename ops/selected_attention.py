@@ -24,7 +24,6 @@ def _check_inputs(q, k, v, indices, block_size, scale, cu_seqlens) -> None:
     check.check_qkv(q, k, v)
     check.check_indices(indices, q, k.shape[2])
     check.check_positive("block_size", block_size)
-    check.check_scale(scale)
     check.check_cu_seqlens(cu_seqlens, q, k.shape[1])
     if k.shape[1] < q.shape[1]:
         raise ValueError(f"k must have at least as many tokens as q: Tq={q.shape[1]}, Tk={k.shape[1]}")
