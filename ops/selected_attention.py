@@ -42,6 +42,11 @@ def _plan(q, k, v, indices, block_size, cu_seqlens):
         blocks = indices[segment.batch, start : start + len(positions)].long()  # [C, Hkv, topk]
         query_pos = torch.arange(positions.start, positions.stop, device=q.device).view(-1, 1, 1)
         valid = (blocks >= 0) & (blocks <= query_pos // block_size)
+        if positions.stop <= keys_per_query:
+            # Short prefix: a shared span with a block-membership mask is cheaper than a gather.
+            key_pos = torch.arange(positions.stop, device=q.device)
+            member = ((blocks.masked_fill(~valid, -1).unsqueeze(-1) == key_pos // block_size)).any(2)
+            return slice(0, positions.stop), (member & (key_pos <= query_pos)).unsqueeze(2)
         rows = (blocks.unsqueeze(-1) * block_size + offsets).flatten(2)  # [C, Hkv, topk * block_size]
         mask = valid.repeat_interleave(block_size, dim=2) & (rows <= query_pos)
         return rows.masked_fill(~mask, 0), mask.unsqueeze(2)

@@ -1,0 +1,45 @@
+import pytest
+import torch
+
+from fsa_compile import compress, reference
+from fsa_compile.compression import compressed_layout, rotary_embedding, token_positions
+from tests._testing import make_cu_seqlens
+
+
+@pytest.mark.parametrize("kernel_size,kernel_stride", [(8, 4), (16, 16), (32, 16), (5, 3)])
+@pytest.mark.parametrize("lengths", [None, (30, 0, 7, 64)], ids=["dense", "varlen"])
+def test_compress_matches_reference(kernel_size, kernel_stride, lengths):
+    total = 101 if lengths is None else sum(lengths)
+    batch = 2 if lengths is None else 1
+    cu = None if lengths is None else make_cu_seqlens(lengths, "cpu")
+    x = torch.randn(batch, total, 3, 6, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(3, kernel_size * 6, 5, dtype=torch.float64, requires_grad=True)
+    pos = torch.randn(3, kernel_size, 6, dtype=torch.float64, requires_grad=True)
+    out = compress(x, weight, pos, kernel_size, kernel_stride, cu)
+    want = reference.compress(x, weight, pos, kernel_size, kernel_stride, cu)
+    torch.testing.assert_close(out, want)
+    cot = torch.randn_like(want)
+    torch.testing.assert_close(
+        torch.autograd.grad((out * cot).sum(), (x, weight, pos)), torch.autograd.grad((want * cot).sum(), (x, weight, pos))
+    )
+
+
+def test_short_input_gives_no_windows():
+    x = torch.randn(1, 5, 2, 4)
+    assert compress(x, torch.randn(2, 32, 4), torch.zeros(2, 8, 4), 8, 4).shape == (1, 0, 2, 4)
+
+
+def test_layout_and_positions_restart_per_sequence():
+    cu = make_cu_seqlens((5, 12, 0, 9), "cpu")
+    assert token_positions(cu, 26, "cpu").tolist() == list(range(5)) + list(range(12)) + list(range(9))
+    first, position, valid = compressed_layout(cu, 26, 4, 4, "cpu")
+    # Windows: sequence 0 (5 tokens) -> 1, sequence 1 (12) -> 3, sequence 3 (9) -> 2; Tc bound = 6.
+    assert first[valid].tolist() == [0, 5, 9, 13, 17, 21]
+    assert position[valid].tolist() == [3, 3, 7, 11, 3, 7]
+    assert valid.tolist() == [True] * 6
+
+
+def test_rotary_matches_reference():
+    x = torch.randn(2, 9, 3, 8, dtype=torch.float64)
+    positions = torch.arange(9)
+    torch.testing.assert_close(rotary_embedding(x, positions, 500.0), reference.rotary_embedding(x, positions[None], 500.0))
