@@ -51,14 +51,25 @@ def _check_inputs(
     check.check_compressed_keys("k_cmp", k_cmp, q, num_keys, kernel_size, kernel_stride)
 
 
-def _overlap_weights(num_cmp, num_blocks, kernel_size, kernel_stride, block_size, dtype, device):
-    """w [num_cmp, num_blocks]: tokens shared by window i and block j, divided by kernel_stride."""
-    window_start = torch.arange(num_cmp, device=device)[:, None] * kernel_stride
-    block_start = torch.arange(num_blocks, device=device)[None, :] * block_size
-    shared = torch.minimum(window_start + kernel_size, block_start + block_size) - torch.maximum(
-        window_start, block_start
-    )
-    return shared.clamp(min=0).to(dtype) / kernel_stride
+def _pool_onto_blocks(probs, kernel_size, kernel_stride, block_size, num_blocks):
+    """Block scores from window probabilities: ``scores[..., j] = sum_i probs[..., i] * w(i, j)``.
+
+    Window i only touches blocks ``i*kernel_stride // block_size`` onward, at most
+    ``(kernel_size - 1) // block_size + 2`` of them, so this is a few ``index_add_`` calls, not a
+    ``[Tc, num_blocks]`` weight matrix. probs [..., S] -> [..., num_blocks].
+    """
+    window_start = torch.arange(probs.shape[-1], device=probs.device) * kernel_stride
+    first_block = window_start // block_size
+    scores = probs.new_zeros(*probs.shape[:-1], num_blocks)
+    for step in range((kernel_size - 1) // block_size + 2):
+        block = first_block + step
+        shared = torch.minimum(window_start + kernel_size, (block + 1) * block_size) - torch.maximum(
+            window_start, block * block_size
+        )
+        weight = shared.clamp(min=0).to(probs.dtype) / kernel_stride
+        weight = weight.masked_fill(block >= num_blocks, 0.0)
+        scores.index_add_(-1, block.clamp(max=num_blocks - 1), probs * weight)
+    return scores
 
 
 def _select_blocks_torch(
@@ -77,7 +88,6 @@ def _select_blocks_torch(
         num_cmp = segment.key_end - segment.key_start
         num_blocks = -(-num_keys // block_size)
         width = max(num_blocks, topk)
-        weights = _overlap_weights(num_cmp, num_blocks, kernel_size, kernel_stride, block_size, acc, q.device)
         block_ids = torch.arange(width, device=q.device)
         chunk = torch_attention.chunk_size(hq * max(1, num_cmp) + hkv * width)
         for start in range(segment.query_start, segment.query_end, chunk):
@@ -91,7 +101,7 @@ def _select_blocks_torch(
             logits = torch.einsum("chgd,shd->chgs", qc, keys) * scale
             logits = logits - lse[b, start:end].reshape(n, hkv, group, 1).to(acc)
             probs = torch.where(visible[:, None, None, :], torch.exp(logits), 0.0).sum(2)  # [C, Hkv, S]
-            scores = torch.matmul(probs, weights[rows])  # [C, Hkv, num_blocks]
+            scores = _pool_onto_blocks(probs, kernel_size, kernel_stride, block_size, num_blocks)  # [C, Hkv, nb]
             scores = torch.nn.functional.pad(scores, (0, width - num_blocks), value=float("-inf"))
 
             last_block = (torch.arange(first, first + n, device=q.device) // block_size).view(n, 1, 1)
