@@ -1,0 +1,134 @@
+"""Query-centric selected attention (the vanilla NSA kernel): one program per (query token, KV head).
+
+A program holds the G query heads of its group ([BLOCK_G, D], G padded to >= 16 rows for tensor cores) and
+loops over the token's ``topk`` selected blocks. Efficient when G is large (many rows per dot) and for
+decode; at small G most of each dot is padding, which is what the FSA kernel fixes.
+
+Inputs are contiguous: q [B, Tq, HQ, D], k [B, Tk, HKV, D], v [B, Tk, HKV, DV], indices [B, Tq, HKV, TOPK].
+``query_row [Tq]`` is the row in k of each query token itself and ``sequence_start [Tq]`` the row where its
+sequence starts; a key row r of block j is visible iff ``r <= query_row``.
+"""
+
+import triton
+import triton.language as tl
+
+from .common import finite_or_zero, masked_scores
+
+
+@triton.jit
+def _selected_block(indices_row, slot, query_row, sequence_start, offs_s, BS: tl.constexpr):
+    """Key rows [BLOCK_S] of the selected block in ``slot`` and their mask; invalid slots mask everything."""
+    j = tl.load(indices_row + slot)
+    valid = (j >= 0) & (j <= (query_row - sequence_start) // BS)
+    key_row = sequence_start + tl.where(valid, j, 0).to(tl.int64) * BS + offs_s
+    # An invalid slot gets a limit no key row meets (folding it in avoids broadcasting a scalar bool).
+    limit = tl.where(valid, query_row, -1)
+    return key_row, (offs_s < BS) & (key_row <= limit)
+
+
+@triton.jit
+def _selected_attention_nsa_fwd_kernel(
+    q, k, v, indices, query_rows, sequence_starts, o, lse, scale,
+    Tq, Tk,
+    HQ: tl.constexpr, HKV: tl.constexpr, G: tl.constexpr, TOPK: tl.constexpr, BS: tl.constexpr,
+    D: tl.constexpr, DV: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_DV: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+):
+    t = tl.program_id(0).to(tl.int64)
+    bh = tl.program_id(1)
+    b = (bh // HKV).to(tl.int64)
+    h = bh % HKV
+    query_row = tl.load(query_rows + t).to(tl.int64)
+    sequence_start = tl.load(sequence_starts + t).to(tl.int64)
+    qk_scale = scale * 1.4426950408889634
+
+    offs_g = tl.arange(0, BLOCK_G)
+    offs_s = tl.arange(0, BLOCK_S)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    head_mask = offs_g < G
+    token = b * Tq + t
+    qv = tl.load(  # [BLOCK_G, BLOCK_D]
+        q + (token * HQ + h * G + offs_g[:, None]) * D + offs_d[None, :],
+        mask=head_mask[:, None] & (offs_d[None, :] < D), other=0.0,
+    )
+    indices_row = indices + (token * HKV + h) * TOPK
+
+    m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_G], tl.float32)
+    acc = tl.zeros([BLOCK_G, BLOCK_DV], tl.float32)
+    for slot in range(TOPK):
+        key_row, key_mask = _selected_block(indices_row, slot, query_row, sequence_start, offs_s, BS)
+        kv_row = (b * Tk + key_row) * HKV + h
+        kt = tl.load(k + kv_row[None, :] * D + offs_d[:, None], mask=key_mask[None, :] & (offs_d[:, None] < D), other=0.0)
+        s = masked_scores(qv, kt, key_mask[None, :], qk_scale, INPUT_PRECISION)  # [BLOCK_G, BLOCK_S]
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_safe = finite_or_zero(m_new)
+        alpha = tl.exp2(m_i - m_safe)
+        p = tl.exp2(s - m_safe[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        vv = tl.load(v + kv_row[:, None] * DV + offs_dv[None, :], mask=key_mask[:, None] & (offs_dv[None, :] < DV), other=0.0)
+        acc = acc * alpha[:, None] + tl.dot(p.to(vv.dtype), vv, input_precision=INPUT_PRECISION)
+        m_i = m_new
+
+    seen = l_i > 0
+    out = acc / tl.where(seen, l_i, 1.0)[:, None]
+    row_lse = tl.where(seen, (m_i + tl.log2(tl.where(seen, l_i, 1.0))) * 0.6931471805599453, float("-inf"))
+    tl.store(
+        o + (token * HQ + h * G + offs_g[:, None]) * DV + offs_dv[None, :], out.to(o.dtype.element_ty),
+        mask=head_mask[:, None] & (offs_dv[None, :] < DV),
+    )
+    tl.store(lse + token * HQ + h * G + offs_g, row_lse, mask=head_mask)
+
+
+@triton.jit
+def _selected_attention_nsa_bwd_kernel(
+    q, k, v, do, lse, delta, indices, query_rows, sequence_starts, dq, dk, dv, scale,
+    Tq, Tk,
+    HQ: tl.constexpr, HKV: tl.constexpr, G: tl.constexpr, TOPK: tl.constexpr, BS: tl.constexpr,
+    D: tl.constexpr, DV: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_DV: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+):
+    """dq is written by the owning program; dk/dv (float32) are accumulated with atomics."""
+    t = tl.program_id(0).to(tl.int64)
+    bh = tl.program_id(1)
+    b = (bh // HKV).to(tl.int64)
+    h = bh % HKV
+    query_row = tl.load(query_rows + t).to(tl.int64)
+    sequence_start = tl.load(sequence_starts + t).to(tl.int64)
+
+    qk_scale = scale * 1.4426950408889634
+
+    offs_g = tl.arange(0, BLOCK_G)
+    offs_s = tl.arange(0, BLOCK_S)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    head_mask = offs_g < G
+    token = b * Tq + t
+    heads = token * HQ + h * G + offs_g
+    qv = tl.load(q + heads[:, None] * D + offs_d[None, :], mask=head_mask[:, None] & (offs_d[None, :] < D), other=0.0)
+    dov = tl.load(do + heads[:, None] * DV + offs_dv[None, :], mask=head_mask[:, None] & (offs_dv[None, :] < DV), other=0.0)
+    lse2 = finite_or_zero(tl.load(lse + heads, mask=head_mask, other=0.0)) * 1.4426950408889634
+    row_delta = tl.load(delta + heads, mask=head_mask, other=0.0)
+    indices_row = indices + (token * HKV + h) * TOPK
+
+    dq_acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
+    for slot in range(TOPK):
+        key_row, key_mask = _selected_block(indices_row, slot, query_row, sequence_start, offs_s, BS)
+        kv_row = (b * Tk + key_row) * HKV + h
+        kt = tl.load(k + kv_row[None, :] * D + offs_d[:, None], mask=key_mask[None, :] & (offs_d[:, None] < D), other=0.0)
+        vt = tl.load(v + kv_row[None, :] * DV + offs_dv[:, None], mask=key_mask[None, :] & (offs_dv[:, None] < DV), other=0.0)
+        mask = head_mask[:, None] & key_mask[None, :]
+        s = masked_scores(qv, kt, mask, qk_scale, INPUT_PRECISION)
+        p = tl.exp2(s - lse2[:, None])  # [BLOCK_G, BLOCK_S]
+        dp = tl.dot(dov, vt, input_precision=INPUT_PRECISION)
+        ds = p * (dp - row_delta[:, None])
+        dq_acc += tl.dot(ds.to(kt.dtype), tl.trans(kt), input_precision=INPUT_PRECISION)
+        dk_block = tl.dot(tl.trans(ds).to(qv.dtype), qv, input_precision=INPUT_PRECISION) * scale  # [BLOCK_S, BLOCK_D]
+        dv_block = tl.dot(tl.trans(p).to(dov.dtype), dov, input_precision=INPUT_PRECISION)  # [BLOCK_S, BLOCK_DV]
+        tl.atomic_add(dk + kv_row[:, None] * D + offs_d[None, :], dk_block, mask=key_mask[:, None] & (offs_d[None, :] < D))
+        tl.atomic_add(dv + kv_row[:, None] * DV + offs_dv[None, :], dv_block, mask=key_mask[:, None] & (offs_dv[None, :] < DV))
+    tl.store(
+        dq + heads[:, None] * D + offs_d[None, :], (dq_acc * scale).to(dq.dtype.element_ty),
+        mask=head_mask[:, None] & (offs_d[None, :] < D),
+    )
