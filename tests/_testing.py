@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from typing import NamedTuple
 
 import torch
@@ -155,3 +156,20 @@ def check_attention(op_out, ref_fn, inputs, dtype):
     for name, ref_grad, grad, x in zip(("dq", "dk", "dv"), want, got, inputs):
         assert grad.dtype == x.dtype and grad.shape == x.shape
         assert_close(name, ref_grad, grad, RATIO[dtype])
+
+
+# Kernel paths of torch.ops.fsa.selected_attention: the PyTorch CPU kernel, and the two Triton kernels (on CPU
+# tensors they run under TRITON_INTERPRET=1 with the CPU kernel switched off).
+SELECTED_PATHS = (("torch", "fsa", "nsa") if DEVICE == "cpu" else ("fsa", "nsa"))
+
+
+@contextlib.contextmanager
+def selected_attention_path(path: str):
+    """Run ``torch.ops.fsa.selected_attention`` through ``path``; yields the ``kernel=`` value to pass."""
+    from fsa_compile.ops.selected_attention import selected_attention, selected_attention_backward
+
+    if path == "torch" or DEVICE != "cpu":
+        yield "auto" if path == "torch" else path
+        return
+    with selected_attention.set_kernel_enabled("cpu", False), selected_attention_backward.set_kernel_enabled("cpu", False):
+        yield path
