@@ -27,8 +27,8 @@ from . import _validation as check
 from ._kernels.common import next_power_of_2
 from ._kernels.selected_fsa import (
     _selected_attention_fsa_bwd_kernel,
-    _selected_attention_fsa_fwd_kernel_lse,
-    _selected_attention_fsa_fwd_kernel_out,
+    _selected_attention_fsa_fwd_kernel,
+    _selected_attention_fsa_merge_kernel,
 )
 from ._kernels.selected_nsa import _selected_attention_nsa_bwd_kernel, _selected_attention_nsa_fwd_kernel
 from ._library import attention_grads_like, attention_outputs_like, op_name, register_attention_autograd, resolve_scale
@@ -72,16 +72,19 @@ def _plan(q, k, v, indices, block_size, cu_seqlens):
     return segments, select_keys, chunk
 
 
-def choose_kernel(kernel: str, group_size: int, num_queries: int) -> str:
-    """The ``kernel="auto"`` heuristic: FSA for small GQA groups and enough queries to fill its tiles.
+def choose_kernel(kernel: str, group_size: int, num_queries: int, backward: bool = False) -> str:
+    """The ``kernel="auto"`` heuristic (measured on an H100, see ``benchmarks/bench_selected.py``).
 
-    The vanilla NSA kernel pads every group to 16 rows per dot, so at G < 16 most of its tensor-core work is
-    padding; FSA packs BLOCK_M = 64 query rows per dot at any G but pays for the index inversion, which does
-    not amortise over a handful of queries (decode).
+    Backward: always FSA; the vanilla NSA backward adds dk/dv with atomics per (query, block) and was
+    2x-30x slower at every G. Forward: the NSA kernel pads each group to 16 rows per dot, so at small G most of
+    its tensor-core work is padding and FSA wins; from G >= 8 the padding is gone and NSA, which needs no
+    index inversion or partial outputs, is faster. Decode-sized calls (few queries) go to NSA.
     """
     if kernel != "auto":
         return kernel
-    return "fsa" if group_size < 16 and num_queries >= 64 else "nsa"
+    if backward:
+        return "fsa"
+    return "fsa" if group_size < 8 and num_queries >= 64 else "nsa"
 
 
 def _token_rows(q: Tensor, k: Tensor, cu_seqlens: Tensor | None) -> tuple[Tensor, Tensor]:
@@ -95,10 +98,10 @@ def _token_rows(q: Tensor, k: Tensor, cu_seqlens: Tensor | None) -> tuple[Tensor
 
 
 def _invert_indices(indices, query_rows, sequence_starts, block_size, num_keys, num_sequences, block_q):
-    """Per-KV-block lists of the (query, slot) entries that selected it, cut into tiles of <= block_q.
+    """Per-KV-block lists of the (query, slot) entries that selected it, cut into work items of <= block_q.
 
     Sync-free and sized from shapes: E = B*Tq*Hkv*topk entries. Returns int32 (sorted_entries [E],
-    tile_keys, tile_starts, tile_lengths [num_tiles]) as described in ``_kernels/selected_fsa.py``.
+    item_keys, item_starts, item_lengths [num_items]) as described in ``_kernels/selected_fsa.py``.
     """
     batch, num_queries, hkv, topk = indices.shape
     device = indices.device
@@ -114,21 +117,21 @@ def _invert_indices(indices, query_rows, sequence_starts, block_size, num_keys, 
     counts.index_add_(0, keys, torch.ones_like(keys))
     counts = counts[:-1]
     entry_ends = counts.cumsum(0)
-    tiles_per_key = (counts + block_q - 1) // block_q
-    tile_ends = tiles_per_key.cumsum(0)
-    # At most E / block_q full tiles plus one partial tile per non-empty block.
+    items_per_key = (counts + block_q - 1) // block_q
+    item_ends = items_per_key.cumsum(0)
+    # At most E / block_q full items plus one partial item per non-empty block.
     max_blocks = batch * hkv * (num_keys // block_size + num_sequences + 1)
-    num_tiles = max(1, (keys.numel() + block_q - 1) // block_q + max_blocks)
-    tile = torch.arange(num_tiles, device=device)
-    key = torch.searchsorted(tile_ends, tile, right=True)
+    num_items = max(1, (keys.numel() + block_q - 1) // block_q + max_blocks)
+    item = torch.arange(num_items, device=device)
+    key = torch.searchsorted(item_ends, item, right=True)
     used = key < num_block_keys
     key = key.clamp(max=num_block_keys - 1)
-    within = tile - (tile_ends[key] - tiles_per_key[key])
-    tile_starts = entry_ends[key] - counts[key] + within * block_q
-    tile_lengths = torch.where(used, (counts[key] - within * block_q).clamp(0, block_q), 0)
-    tile_keys = torch.where(used, key, 0)
-    return (sorted_entries.to(torch.int32), tile_keys.to(torch.int32), tile_starts.to(torch.int32),
-            tile_lengths.to(torch.int32))
+    within = item - (item_ends[key] - items_per_key[key])
+    item_starts = entry_ends[key] - counts[key] + within * block_q
+    item_lengths = torch.where(used, (counts[key] - within * block_q).clamp(0, block_q), 0)
+    item_keys = torch.where(used, key, 0)
+    return (sorted_entries.to(torch.int32), item_keys.to(torch.int32), item_starts.to(torch.int32),
+            item_lengths.to(torch.int32))
 
 
 def _launch_config(q, k, v, indices, block_size):
@@ -141,50 +144,50 @@ def _launch_config(q, k, v, indices, block_size):
     )
 
 
-FSA_BLOCK_M = 64
+FSA_BLOCK_M = 64  # query rows per dot
+FSA_STEPS = 16  # dots per work item: a KV block is loaded once per BLOCK_M * FSA_STEPS rows
 
 
-def _fsa_tiles(q, k, indices, block_size, cu_seqlens, query_rows, sequence_starts, group):
+def _fsa_work(q, k, indices, block_size, cu_seqlens, query_rows, sequence_starts, group):
     gp = triton.next_power_of_2(group)
     block_m = max(FSA_BLOCK_M, gp)
     num_sequences = 1 if cu_seqlens is None else cu_seqlens.shape[0] - 1
-    tiles = _invert_indices(indices, query_rows, sequence_starts, block_size, k.shape[1], num_sequences, block_m // gp)
-    return tiles, dict(GP=gp, BLOCK_M=block_m)
+    items = _invert_indices(
+        indices, query_rows, sequence_starts, block_size, k.shape[1], num_sequences, block_m // gp * FSA_STEPS
+    )
+    names = ("sorted_entries", "item_keys", "item_starts", "item_lengths")
+    return dict(zip(names, items)), dict(GP=gp, BLOCK_M=block_m)
 
 
 def _selected_attention_fwd(q, k, v, indices, block_size, scale, cu_seqlens, kernel):
     q, k, v, indices = (x.contiguous() for x in (q, k, v, indices))
     batch, num_queries, hq, d = q.shape
     hkv = k.shape[2]
+    group = hq // hkv
     scale = resolve_scale(scale, d)
     config = _launch_config(q, k, v, indices, block_size)
     query_rows, sequence_starts = _token_rows(q, k, cu_seqlens)
-    if choose_kernel(kernel, hq // hkv, num_queries) == "nsa":
-        o, lse = attention_outputs_like(q, v.shape[-1])
+    o, lse = attention_outputs_like(q, v.shape[-1])
+    if choose_kernel(kernel, group, num_queries) == "nsa":
         _selected_attention_nsa_fwd_kernel[(num_queries, batch * hkv)](
             q=q, k=k, v=v, indices=indices, query_rows=query_rows, sequence_starts=sequence_starts, o=o, lse=lse,
-            scale=scale, Tq=num_queries, Tk=k.shape[1], BLOCK_G=next_power_of_2(hq // hkv), **config,
+            scale=scale, Tq=num_queries, Tk=k.shape[1], BLOCK_G=next_power_of_2(group), **config,
         )
         return o, lse
-    (sorted_entries, tile_keys, tile_starts, tile_lengths), tile_config = _fsa_tiles(
-        q, k, indices, block_size, cu_seqlens, query_rows, sequence_starts, hq // hkv
+    work, work_config = _fsa_work(q, k, indices, block_size, cu_seqlens, query_rows, sequence_starts, group)
+    o_partial = q.new_empty(indices.numel(), group, v.shape[-1])
+    lse_partial = torch.full((indices.numel(), group), float("-inf"), dtype=torch.float32, device=q.device)
+    _selected_attention_fsa_fwd_kernel[(work["item_keys"].shape[0],)](
+        q=q, k=k, v=v, **work, query_rows=query_rows, o_partial=o_partial, lse_partial=lse_partial, scale=scale,
+        Tq=num_queries, Tk=k.shape[1], **config, **work_config,
     )
-    grid = (tile_keys.shape[0],)
-    tile_args = dict(tile_keys=tile_keys, tile_starts=tile_starts, tile_lengths=tile_lengths,
-                     sorted_entries=sorted_entries, query_rows=query_rows)
-    entry_lse = torch.full((indices.numel(), hq // hkv), float("-inf"), dtype=torch.float32, device=q.device)
-    lse_config = {name: value for name, value in config.items() if name not in ("DV", "BLOCK_DV")}
-    _selected_attention_fsa_fwd_kernel_lse[grid](
-        q=q, k=k, **tile_args, entry_lse=entry_lse, scale=scale, Tq=num_queries, Tk=k.shape[1],
-        **lse_config, **tile_config,
+    block_r = max(16, work_config["GP"])
+    num_tokens = batch * num_queries
+    _selected_attention_fsa_merge_kernel[(triton.cdiv(num_tokens, block_r // work_config["GP"]), hkv)](
+        o_partial=o_partial, lse_partial=lse_partial, o=o, lse=lse, num_tokens=num_tokens, HKV=hkv, G=group,
+        GP=work_config["GP"], TOPK=indices.shape[-1], DV=v.shape[-1], BLOCK_R=block_r, BLOCK_DV=config["BLOCK_DV"],
     )
-    lse = torch.logsumexp(entry_lse.view(batch, num_queries, hkv, -1, hq // hkv), dim=3).reshape(batch, num_queries, hq)
-    o_acc = torch.zeros(batch, num_queries, hq, v.shape[-1], dtype=torch.float32, device=q.device)
-    _selected_attention_fsa_fwd_kernel_out[grid](
-        q=q, k=k, v=v, **tile_args, lse=lse, o_acc=o_acc, scale=scale, Tq=num_queries, Tk=k.shape[1],
-        **config, **tile_config,
-    )
-    return o_acc.to(q.dtype), lse
+    return o, lse
 
 
 def _selected_attention_bwd(do, dlse, q, k, v, o, lse, indices, block_size, scale, cu_seqlens, kernel):
@@ -199,7 +202,7 @@ def _selected_attention_bwd(do, dlse, q, k, v, o, lse, indices, block_size, scal
         delta = delta - dlse.float()
     dk = torch.zeros(k.shape, dtype=torch.float32, device=k.device)
     dv = torch.zeros(v.shape, dtype=torch.float32, device=v.device)
-    if choose_kernel(kernel, hq // hkv, num_queries) == "nsa":
+    if choose_kernel(kernel, hq // hkv, num_queries, backward=True) == "nsa":
         dq = torch.empty_like(q)
         _selected_attention_nsa_bwd_kernel[(num_queries, batch * hkv)](
             q=q, k=k, v=v, do=do, lse=lse.contiguous(), delta=delta, indices=indices, query_rows=query_rows,
@@ -207,14 +210,11 @@ def _selected_attention_bwd(do, dlse, q, k, v, o, lse, indices, block_size, scal
             BLOCK_G=next_power_of_2(hq // hkv), **config,
         )
         return dq, dk.to(k.dtype), dv.to(v.dtype)
-    (sorted_entries, tile_keys, tile_starts, tile_lengths), tile_config = _fsa_tiles(
-        q, k, indices, block_size, cu_seqlens, query_rows, sequence_starts, hq // hkv
-    )
+    work, work_config = _fsa_work(q, k, indices, block_size, cu_seqlens, query_rows, sequence_starts, hq // hkv)
     dq = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
-    _selected_attention_fsa_bwd_kernel[(tile_keys.shape[0],)](
-        q=q, k=k, v=v, do=do, lse=lse.contiguous(), delta=delta, tile_keys=tile_keys, tile_starts=tile_starts,
-        tile_lengths=tile_lengths, sorted_entries=sorted_entries, query_rows=query_rows, dq=dq, dk=dk, dv=dv,
-        scale=scale, Tq=num_queries, Tk=k.shape[1], **config, **tile_config,
+    _selected_attention_fsa_bwd_kernel[(work["item_keys"].shape[0],)](
+        q=q, k=k, v=v, do=do, lse=lse.contiguous(), delta=delta, **work, query_rows=query_rows, dq=dq, dk=dk, dv=dv,
+        scale=scale, Tq=num_queries, Tk=k.shape[1], **config, **work_config,
     )
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
 

@@ -2,19 +2,19 @@
 
 The host inverts the indices (``ops/selected_attention.py::_invert_indices``): every valid (query token, KV
 head, slot) entry gets the key ``(b * HKV + h) * Tk + first_row_of_its_block``; entries are sorted by key and
-cut into tiles of at most ``BLOCK_Q`` entries of one key. A program takes one tile: it loads its KV block
-once and runs the ``BLOCK_Q * G`` query rows that chose it through tensor-core dots (``BLOCK_M = BLOCK_Q * GP``
-rows, ``GP`` = G rounded up to a power of two), so the dots are full at any G.
+cut into work items of at most ``BLOCK_Q * TILES`` entries of one key. A program takes one work item: it loads
+its KV block once and streams the entries through tensor-core dots ``BLOCK_Q`` at a time; each step holds
+``BLOCK_M = BLOCK_Q * GP`` query rows (``GP`` = G rounded up to a power of two), so the dots are full at any G.
 
-Forward, in two passes that need no per-entry output buffer:
-  1. ``_selected_attention_fsa_fwd_kernel_lse``: the log-sum-exp of each entry's block -> ``entry_lse [E, G]``;
-     the host merges them per query (``logsumexp`` over the slots) into the final ``lse``.
-  2. ``_selected_attention_fsa_fwd_kernel_out``: ``p = exp(s - lse)`` is already normalised, so each tile
-     adds ``p @ V`` into a float32 ``o`` with atomics.
-Backward: ``_selected_attention_fsa_bwd_kernel`` recomputes p per tile and adds into float32 dq, dk, dv.
+Forward: ``_selected_attention_fsa_fwd_kernel`` writes, per entry, the block's normalised partial output
+``o_partial [E, G, DV]`` (input dtype) and its log-sum-exp ``lse_partial [E, G]`` (float32, -inf for empty
+slots); ``_selected_attention_fsa_merge_kernel`` merges the ``TOPK`` partials of every (token, head) with a
+max-shifted log-sum-exp.
+Backward: ``_selected_attention_fsa_bwd_kernel`` recomputes p per step, adds dq with atomics, and keeps the
+work item's dk/dv in registers until one atomic add at the end.
 
-Tile arrays (int32 [num_tiles]): ``tile_keys`` (-1 for unused tiles), ``tile_starts`` (offset into
-``sorted_entries``), ``tile_lengths`` (0..BLOCK_Q). Entry e = ((b * Tq + t) * HKV + h) * TOPK + slot.
+Work-item arrays (int32 [num_items]): ``item_keys``, ``item_starts`` (offset into ``sorted_entries``),
+``item_lengths`` (0 for unused items). Entry e = ((b * Tq + t) * HKV + h) * TOPK + slot.
 """
 
 import triton
@@ -24,122 +24,152 @@ from .common import finite_or_zero, masked_scores
 
 
 @triton.jit
-def _tile(
-    tile_keys, tile_starts, tile_lengths, sorted_entries, query_rows, q, Tq, Tk,
-    HQ: tl.constexpr, HKV: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, TOPK: tl.constexpr,
-    D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr, BS: tl.constexpr,
-):
-    """Everything a tile program needs about its KV block and its query rows."""
-    tile = tl.program_id(0)
-    key = tl.load(tile_keys + tile).to(tl.int64)
-    start = tl.load(tile_starts + tile)
-    length = tl.load(tile_lengths + tile)
+def _work_item(item_keys, item_starts, item_lengths, Tk, HKV: tl.constexpr, BLOCK_S: tl.constexpr, BS: tl.constexpr):
+    """The work item's entry range and its KV block: rows (within the batch row) and flat [B*Tk*HKV] rows."""
+    item = tl.program_id(0)
+    key = tl.load(item_keys + item).to(tl.int64)
+    start = tl.load(item_starts + item)
+    length = tl.load(item_lengths + item)
     bh = key // Tk
     b = bh // HKV
     h = bh % HKV
-    first_row = key % Tk
-
-    offs_m = tl.arange(0, BLOCK_M)
     offs_s = tl.arange(0, BLOCK_S)
-    offs_d = tl.arange(0, BLOCK_D)
-    slot_in_tile = offs_m // GP
-    g = offs_m % GP
-    row_mask = (slot_in_tile < length) & (g < G)
-    entry = tl.load(sorted_entries + start + slot_in_tile, mask=row_mask, other=0).to(tl.int64)
-    token = entry // (HKV * TOPK)  # b * Tq + t
-    t = token % Tq
-    query_row = tl.load(query_rows + t, mask=row_mask, other=0).to(tl.int64)
-    head_row = token * HQ + h * G + g  # row of [B * Tq * HQ]
-    qv = tl.load(q + head_row[:, None] * D + offs_d[None, :], mask=row_mask[:, None] & (offs_d[None, :] < D), other=0.0)
-
-    key_row = first_row + offs_s  # within the batch row
-    kv_row = (b * Tk + key_row) * HKV + h
+    key_row = key % Tk + offs_s
     key_mask = (offs_s < BS) & (key_row < Tk)  # the last block of a batch row may be partial
-    mask = row_mask[:, None] & key_mask[None, :] & (key_row[None, :] <= query_row[:, None])
-    return key, length, entry, head_row, row_mask, qv, kv_row, key_mask, mask
+    return start, length, h, key_row, (b * Tk + key_row) * HKV + h, key_mask
 
 
 @triton.jit
-def _selected_attention_fsa_fwd_kernel_lse(
-    q, k, tile_keys, tile_starts, tile_lengths, sorted_entries, query_rows, entry_lse, scale,
-    Tq, Tk,
-    HQ: tl.constexpr, HKV: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, TOPK: tl.constexpr, BS: tl.constexpr,
-    D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
-    INPUT_PRECISION: tl.constexpr,
+def _step_rows(
+    sorted_entries, query_rows, step_start, step_end, h, key_row, key_mask, Tq,
+    HQ: tl.constexpr, HKV: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, TOPK: tl.constexpr,
+    BLOCK_M: tl.constexpr,
 ):
-    key, length, entry, head_row, row_mask, qv, kv_row, key_mask, mask = _tile(
-        tile_keys, tile_starts, tile_lengths, sorted_entries, query_rows, q, Tq, Tk,
-        HQ, HKV, G, GP, TOPK, D, BLOCK_M, BLOCK_S, BLOCK_D, BS,
-    )
-    if length == 0:
-        return
-    offs_d = tl.arange(0, BLOCK_D)
-    kt = tl.load(k + kv_row[None, :] * D + offs_d[:, None], mask=key_mask[None, :] & (offs_d[:, None] < D), other=0.0)
-    s = masked_scores(qv, kt, mask, scale * 1.4426950408889634, INPUT_PRECISION)  # [BLOCK_M, BLOCK_S]
-    m = tl.max(s, 1)
-    m_safe = finite_or_zero(m)
-    l = tl.sum(tl.exp2(s - m_safe[:, None]), 1)
-    block_lse = tl.where(l > 0, (m_safe + tl.log2(tl.where(l > 0, l, 1.0))) * 0.6931471805599453, float("-inf"))
-    g = tl.arange(0, BLOCK_M) % GP
-    tl.store(entry_lse + entry * G + g, block_lse, mask=row_mask)
+    """Query rows of one step: entry ids, flat head rows of [B*Tq*HQ], row mask, and the causal mask."""
+    offs_m = tl.arange(0, BLOCK_M)
+    position = step_start + offs_m // GP
+    g = offs_m % GP
+    row_mask = (position < step_end) & (g < G)
+    entry = tl.load(sorted_entries + position, mask=row_mask, other=0).to(tl.int64)
+    token = entry // (HKV * TOPK)  # b * Tq + t
+    query_row = tl.load(query_rows + token % Tq, mask=row_mask, other=0).to(tl.int64)
+    head_row = token * HQ + h * G + g
+    mask = row_mask[:, None] & key_mask[None, :] & (key_row[None, :] <= query_row[:, None])
+    return entry, g, head_row, row_mask, mask
 
 
 @triton.jit
-def _selected_attention_fsa_fwd_kernel_out(
-    q, k, v, tile_keys, tile_starts, tile_lengths, sorted_entries, query_rows, lse, o_acc, scale,
+def _selected_attention_fsa_fwd_kernel(
+    q, k, v, item_keys, item_starts, item_lengths, sorted_entries, query_rows, o_partial, lse_partial, scale,
     Tq, Tk,
     HQ: tl.constexpr, HKV: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, TOPK: tl.constexpr, BS: tl.constexpr,
     D: tl.constexpr, DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_DV: tl.constexpr, INPUT_PRECISION: tl.constexpr,
 ):
-    key, length, entry, head_row, row_mask, qv, kv_row, key_mask, mask = _tile(
-        tile_keys, tile_starts, tile_lengths, sorted_entries, query_rows, q, Tq, Tk,
-        HQ, HKV, G, GP, TOPK, D, BLOCK_M, BLOCK_S, BLOCK_D, BS,
-    )
+    start, length, h, key_row, kv_row, key_mask = _work_item(item_keys, item_starts, item_lengths, Tk, HKV, BLOCK_S, BS)
     if length == 0:
         return
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
     kt = tl.load(k + kv_row[None, :] * D + offs_d[:, None], mask=key_mask[None, :] & (offs_d[:, None] < D), other=0.0)
-    s = masked_scores(qv, kt, mask, scale * 1.4426950408889634, INPUT_PRECISION)
-    row_lse = finite_or_zero(tl.load(lse + head_row, mask=row_mask, other=0.0)) * 1.4426950408889634
-    p = tl.exp2(s - row_lse[:, None])
     vv = tl.load(v + kv_row[:, None] * DV + offs_dv[None, :], mask=key_mask[:, None] & (offs_dv[None, :] < DV), other=0.0)
-    out = tl.dot(p.to(vv.dtype), vv, input_precision=INPUT_PRECISION)  # [BLOCK_M, BLOCK_DV]
-    tl.atomic_add(o_acc + head_row[:, None] * DV + offs_dv[None, :], out, mask=row_mask[:, None] & (offs_dv[None, :] < DV))
+    qk_scale = scale * 1.4426950408889634
+    for step_start in range(start, start + length, BLOCK_M // GP):
+        entry, g, head_row, row_mask, mask = _step_rows(
+            sorted_entries, query_rows, step_start, start + length, h, key_row, key_mask, Tq,
+            HQ, HKV, G, GP, TOPK, BLOCK_M,
+        )
+        qv = tl.load(q + head_row[:, None] * D + offs_d[None, :], mask=row_mask[:, None] & (offs_d[None, :] < D), other=0.0)
+        s = masked_scores(qv, kt, mask, qk_scale, INPUT_PRECISION)  # [BLOCK_M, BLOCK_S]
+        m = finite_or_zero(tl.max(s, 1))
+        p = tl.exp2(s - m[:, None])
+        l = tl.sum(p, 1)
+        out = tl.dot(p.to(vv.dtype), vv, input_precision=INPUT_PRECISION) / tl.where(l > 0, l, 1.0)[:, None]
+        block_lse = tl.where(l > 0, (m + tl.log2(tl.where(l > 0, l, 1.0))) * 0.6931471805599453, float("-inf"))
+        partial_row = entry * G + g
+        tl.store(lse_partial + partial_row, block_lse, mask=row_mask)
+        tl.store(
+            o_partial + partial_row[:, None] * DV + offs_dv[None, :], out.to(o_partial.dtype.element_ty),
+            mask=row_mask[:, None] & (offs_dv[None, :] < DV),
+        )
+
+
+@triton.jit
+def _selected_attention_fsa_merge_kernel(
+    o_partial, lse_partial, o, lse, num_tokens,
+    HKV: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, TOPK: tl.constexpr, DV: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_DV: tl.constexpr,
+):
+    """Merge the TOPK partials of BLOCK_R // GP tokens of one KV head: o [B*Tq, HQ, DV], lse [B*Tq, HQ]."""
+    h = tl.program_id(1)
+    offs_r = tl.arange(0, BLOCK_R)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    token = tl.program_id(0).to(tl.int64) * (BLOCK_R // GP) + offs_r // GP
+    g = offs_r % GP
+    row_mask = (token < num_tokens) & (g < G)
+    first_entry = (token * HKV + h) * TOPK
+    m = tl.full([BLOCK_R], float("-inf"), tl.float32)
+    l = tl.zeros([BLOCK_R], tl.float32)
+    acc = tl.zeros([BLOCK_R, BLOCK_DV], tl.float32)
+    for slot in range(TOPK):
+        partial_row = (first_entry + slot) * G + g
+        part_lse = tl.load(lse_partial + partial_row, mask=row_mask, other=float("-inf"))
+        seen = part_lse > float("-inf")
+        part_o = tl.load(
+            o_partial + partial_row[:, None] * DV + offs_dv[None, :],
+            mask=(row_mask & seen)[:, None] & (offs_dv[None, :] < DV), other=0.0,
+        ).to(tl.float32)
+        m_new = tl.maximum(m, part_lse)
+        m_safe = finite_or_zero(m_new)
+        alpha = tl.exp(m - m_safe)
+        weight = tl.exp(part_lse - m_safe)
+        l = l * alpha + weight
+        acc = acc * alpha[:, None] + weight[:, None] * part_o
+        m = m_new
+    seen = l > 0
+    out = acc / tl.where(seen, l, 1.0)[:, None]
+    row_lse = tl.where(seen, m + tl.log(tl.where(seen, l, 1.0)), float("-inf"))
+    head_row = token * (HKV * G) + h * G + g
+    tl.store(o + head_row[:, None] * DV + offs_dv[None, :], out.to(o.dtype.element_ty),
+             mask=row_mask[:, None] & (offs_dv[None, :] < DV))
+    tl.store(lse + head_row, row_lse, mask=row_mask)
 
 
 @triton.jit
 def _selected_attention_fsa_bwd_kernel(
-    q, k, v, do, lse, delta, tile_keys, tile_starts, tile_lengths, sorted_entries, query_rows,
+    q, k, v, do, lse, delta, item_keys, item_starts, item_lengths, sorted_entries, query_rows,
     dq, dk, dv, scale,
     Tq, Tk,
     HQ: tl.constexpr, HKV: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, TOPK: tl.constexpr, BS: tl.constexpr,
     D: tl.constexpr, DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_DV: tl.constexpr, INPUT_PRECISION: tl.constexpr,
 ):
-    key, length, entry, head_row, row_mask, qv, kv_row, key_mask, mask = _tile(
-        tile_keys, tile_starts, tile_lengths, sorted_entries, query_rows, q, Tq, Tk,
-        HQ, HKV, G, GP, TOPK, D, BLOCK_M, BLOCK_S, BLOCK_D, BS,
-    )
+    start, length, h, key_row, kv_row, key_mask = _work_item(item_keys, item_starts, item_lengths, Tk, HKV, BLOCK_S, BS)
     if length == 0:
         return
-
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
     kt = tl.load(k + kv_row[None, :] * D + offs_d[:, None], mask=key_mask[None, :] & (offs_d[:, None] < D), other=0.0)
     vt = tl.load(v + kv_row[None, :] * DV + offs_dv[:, None], mask=key_mask[None, :] & (offs_dv[:, None] < DV), other=0.0)
-    dov = tl.load(do + head_row[:, None] * DV + offs_dv[None, :], mask=row_mask[:, None] & (offs_dv[None, :] < DV), other=0.0)
-    row_lse = finite_or_zero(tl.load(lse + head_row, mask=row_mask, other=0.0)) * 1.4426950408889634
-    row_delta = tl.load(delta + head_row, mask=row_mask, other=0.0)
-
-    s = masked_scores(qv, kt, mask, scale * 1.4426950408889634, INPUT_PRECISION)
-    p = tl.exp2(s - row_lse[:, None])  # [BLOCK_M, BLOCK_S]
-    dp = tl.dot(dov, vt, input_precision=INPUT_PRECISION)
-    ds = p * (dp - row_delta[:, None])
-    dq_tile = tl.dot(ds.to(kt.dtype), tl.trans(kt), input_precision=INPUT_PRECISION) * scale  # [BLOCK_M, BLOCK_D]
-    tl.atomic_add(dq + head_row[:, None] * D + offs_d[None, :], dq_tile, mask=row_mask[:, None] & (offs_d[None, :] < D))
-    dk_block = tl.dot(tl.trans(ds).to(qv.dtype), qv, input_precision=INPUT_PRECISION) * scale  # [BLOCK_S, BLOCK_D]
-    dv_block = tl.dot(tl.trans(p).to(dov.dtype), dov, input_precision=INPUT_PRECISION)  # [BLOCK_S, BLOCK_DV]
-    tl.atomic_add(dk + kv_row[:, None] * D + offs_d[None, :], dk_block, mask=key_mask[:, None] & (offs_d[None, :] < D))
-    tl.atomic_add(dv + kv_row[:, None] * DV + offs_dv[None, :], dv_block, mask=key_mask[:, None] & (offs_dv[None, :] < DV))
+    qk_scale = scale * 1.4426950408889634
+    dk_acc = tl.zeros([BLOCK_S, BLOCK_D], tl.float32)
+    dv_acc = tl.zeros([BLOCK_S, BLOCK_DV], tl.float32)
+    for step_start in range(start, start + length, BLOCK_M // GP):
+        entry, g, head_row, row_mask, mask = _step_rows(
+            sorted_entries, query_rows, step_start, start + length, h, key_row, key_mask, Tq,
+            HQ, HKV, G, GP, TOPK, BLOCK_M,
+        )
+        qv = tl.load(q + head_row[:, None] * D + offs_d[None, :], mask=row_mask[:, None] & (offs_d[None, :] < D), other=0.0)
+        dov = tl.load(do + head_row[:, None] * DV + offs_dv[None, :], mask=row_mask[:, None] & (offs_dv[None, :] < DV), other=0.0)
+        row_lse = finite_or_zero(tl.load(lse + head_row, mask=row_mask, other=0.0)) * 1.4426950408889634
+        row_delta = tl.load(delta + head_row, mask=row_mask, other=0.0)
+        s = masked_scores(qv, kt, mask, qk_scale, INPUT_PRECISION)
+        p = tl.exp2(s - row_lse[:, None])  # [BLOCK_M, BLOCK_S]
+        dp = tl.dot(dov, vt, input_precision=INPUT_PRECISION)
+        ds = p * (dp - row_delta[:, None])
+        dq_step = tl.dot(ds.to(kt.dtype), tl.trans(kt), input_precision=INPUT_PRECISION) * scale  # [BLOCK_M, BLOCK_D]
+        tl.atomic_add(dq + head_row[:, None] * D + offs_d[None, :], dq_step, mask=row_mask[:, None] & (offs_d[None, :] < D))
+        dk_acc += tl.dot(tl.trans(ds).to(qv.dtype), qv, input_precision=INPUT_PRECISION)
+        dv_acc += tl.dot(tl.trans(p).to(dov.dtype), dov, input_precision=INPUT_PRECISION)
+    tl.atomic_add(dk + kv_row[:, None] * D + offs_d[None, :], dk_acc * scale, mask=key_mask[:, None] & (offs_d[None, :] < D))
+    tl.atomic_add(dv + kv_row[:, None] * DV + offs_dv[None, :], dv_acc, mask=key_mask[:, None] & (offs_dv[None, :] < DV))

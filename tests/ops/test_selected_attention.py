@@ -80,6 +80,7 @@ def test_gradcheck():
 def test_auto_heuristic():
     assert choose_kernel("auto", 1, 4096) == "fsa" and choose_kernel("auto", 16, 4096) == "nsa"
     assert choose_kernel("auto", 1, 1) == "nsa"  # decode
+    assert choose_kernel("auto", 16, 4096, backward=True) == "fsa"
     assert choose_kernel("nsa", 1, 4096) == "nsa" and choose_kernel("fsa", 16, 1) == "fsa"
 
 
