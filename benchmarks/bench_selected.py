@@ -113,8 +113,8 @@ def main() -> None:
                 torch.cuda.empty_cache()
         del provider_fns
         torch.cuda.empty_cache()
+        write_json(args.out / "bench_selected.json", rows, device_meta())  # partial results survive a timeout
     meta = device_meta()
-    write_json(args.out / "bench_selected.json", rows, meta)
     print_table(rows, meta)
     plot(rows, args.out / "bench_selected.png", meta)
 

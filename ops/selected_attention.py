@@ -77,14 +77,15 @@ def choose_kernel(kernel: str, group_size: int, num_queries: int, backward: bool
 
     Backward: always FSA; the vanilla NSA backward adds dk/dv with atomics per (query, block) and was
     2x-30x slower at every G. Forward: the NSA kernel pads each group to 16 rows per dot, so at small G most of
-    its tensor-core work is padding and FSA wins; from G >= 8 the padding is gone and NSA, which needs no
-    index inversion or partial outputs, is faster. Decode-sized calls (few queries) go to NSA.
+    its tensor-core work is padding and FSA wins; at G >= 16 the padding is gone and NSA, which needs no
+    index inversion or partial outputs, is faster (G = 16: 17.5 vs 22.5 ms at T = 64K; G = 4: FSA 6.2 vs 17 ms).
+    Decode-sized calls (few queries) go to NSA.
     """
     if kernel != "auto":
         return kernel
     if backward:
         return "fsa"
-    return "fsa" if group_size < 8 and num_queries >= 64 else "nsa"
+    return "fsa" if group_size < 16 and num_queries >= 64 else "nsa"
 
 
 def _token_rows(q: Tensor, k: Tensor, cu_seqlens: Tensor | None) -> tuple[Tensor, Tensor]:
@@ -144,19 +145,25 @@ def _launch_config(q, k, v, indices, block_size):
     )
 
 
-FSA_BLOCK_M = 64  # query rows per dot
-FSA_STEPS = 16  # dots per work item: a KV block is loaded once per BLOCK_M * FSA_STEPS rows
+# Launch settings, tuned on an H100 (torch 2.11, triton 3.6) with benchmarks/tune_selected.py at T=64K, G in
+# {1, 4}: block_m = query rows per dot; steps = dots per work item (a KV block is loaded once per
+# block_m * steps rows). The backward keeps dk/dv accumulators in registers, so it wants more warps.
+FSA_FWD = dict(block_m=64, steps=16, num_warps=4, num_stages=1)
+FSA_BWD = dict(block_m=128, steps=16, num_warps=8, num_stages=2)
+NSA_LAUNCH = dict(num_warps=4, num_stages=2)
 
 
-def _fsa_work(q, k, indices, block_size, cu_seqlens, query_rows, sequence_starts, group):
+def _fsa_work(k, indices, block_size, cu_seqlens, query_rows, sequence_starts, group, settings):
+    """Inverted indices and the kernel meta-parameters for one FSA launch."""
     gp = triton.next_power_of_2(group)
-    block_m = max(FSA_BLOCK_M, gp)
+    block_m = max(settings["block_m"], gp)
     num_sequences = 1 if cu_seqlens is None else cu_seqlens.shape[0] - 1
     items = _invert_indices(
-        indices, query_rows, sequence_starts, block_size, k.shape[1], num_sequences, block_m // gp * FSA_STEPS
+        indices, query_rows, sequence_starts, block_size, k.shape[1], num_sequences, block_m // gp * settings["steps"]
     )
     names = ("sorted_entries", "item_keys", "item_starts", "item_lengths")
-    return dict(zip(names, items)), dict(GP=gp, BLOCK_M=block_m)
+    launch = dict(GP=gp, BLOCK_M=block_m, num_warps=settings["num_warps"], num_stages=settings["num_stages"])
+    return dict(zip(names, items)), launch
 
 
 def _selected_attention_fwd(q, k, v, indices, block_size, scale, cu_seqlens, kernel):
@@ -171,10 +178,10 @@ def _selected_attention_fwd(q, k, v, indices, block_size, scale, cu_seqlens, ker
     if choose_kernel(kernel, group, num_queries) == "nsa":
         _selected_attention_nsa_fwd_kernel[(num_queries, batch * hkv)](
             q=q, k=k, v=v, indices=indices, query_rows=query_rows, sequence_starts=sequence_starts, o=o, lse=lse,
-            scale=scale, Tq=num_queries, Tk=k.shape[1], BLOCK_G=next_power_of_2(group), **config,
+            scale=scale, Tq=num_queries, Tk=k.shape[1], BLOCK_G=next_power_of_2(group), **config, **NSA_LAUNCH,
         )
         return o, lse
-    work, work_config = _fsa_work(q, k, indices, block_size, cu_seqlens, query_rows, sequence_starts, group)
+    work, work_config = _fsa_work(k, indices, block_size, cu_seqlens, query_rows, sequence_starts, group, FSA_FWD)
     o_partial = q.new_empty(indices.numel(), group, v.shape[-1])
     lse_partial = torch.full((indices.numel(), group), float("-inf"), dtype=torch.float32, device=q.device)
     _selected_attention_fsa_fwd_kernel[(work["item_keys"].shape[0],)](
@@ -207,10 +214,10 @@ def _selected_attention_bwd(do, dlse, q, k, v, o, lse, indices, block_size, scal
         _selected_attention_nsa_bwd_kernel[(num_queries, batch * hkv)](
             q=q, k=k, v=v, do=do, lse=lse.contiguous(), delta=delta, indices=indices, query_rows=query_rows,
             sequence_starts=sequence_starts, dq=dq, dk=dk, dv=dv, scale=scale, Tq=num_queries, Tk=k.shape[1],
-            BLOCK_G=next_power_of_2(hq // hkv), **config,
+            BLOCK_G=next_power_of_2(hq // hkv), **config, **NSA_LAUNCH,
         )
         return dq, dk.to(k.dtype), dv.to(v.dtype)
-    work, work_config = _fsa_work(q, k, indices, block_size, cu_seqlens, query_rows, sequence_starts, hq // hkv)
+    work, work_config = _fsa_work(k, indices, block_size, cu_seqlens, query_rows, sequence_starts, hq // hkv, FSA_BWD)
     dq = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
     _selected_attention_fsa_bwd_kernel[(work["item_keys"].shape[0],)](
         q=q, k=k, v=v, do=do, lse=lse.contiguous(), delta=delta, **work, query_rows=query_rows, dq=dq, dk=dk, dv=dv,

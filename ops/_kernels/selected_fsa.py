@@ -168,8 +168,8 @@ def _selected_attention_fsa_bwd_kernel(
         dp = tl.dot(dov, vt, input_precision=INPUT_PRECISION)
         ds = p * (dp - row_delta[:, None])
         dq_step = tl.dot(ds.to(kt.dtype), tl.trans(kt), input_precision=INPUT_PRECISION) * scale  # [BLOCK_M, BLOCK_D]
-        tl.atomic_add(dq + head_row[:, None] * D + offs_d[None, :], dq_step, mask=row_mask[:, None] & (offs_d[None, :] < D))
+        tl.atomic_add(dq + head_row[:, None] * D + offs_d[None, :], dq_step, mask=row_mask[:, None] & (offs_d[None, :] < D), sem="relaxed")
         dk_acc += tl.dot(tl.trans(ds).to(qv.dtype), qv, input_precision=INPUT_PRECISION)
         dv_acc += tl.dot(tl.trans(p).to(dov.dtype), dov, input_precision=INPUT_PRECISION)
-    tl.atomic_add(dk + kv_row[:, None] * D + offs_d[None, :], dk_acc * scale, mask=key_mask[:, None] & (offs_d[None, :] < D))
-    tl.atomic_add(dv + kv_row[:, None] * DV + offs_dv[None, :], dv_acc, mask=key_mask[:, None] & (offs_dv[None, :] < DV))
+    tl.atomic_add(dk + kv_row[:, None] * D + offs_d[None, :], dk_acc * scale, mask=key_mask[:, None] & (offs_d[None, :] < D), sem="relaxed")
+    tl.atomic_add(dv + kv_row[:, None] * DV + offs_dv[None, :], dv_acc, mask=key_mask[:, None] & (offs_dv[None, :] < DV), sem="relaxed")

@@ -126,8 +126,8 @@ def _selected_attention_nsa_bwd_kernel(
         dq_acc += tl.dot(ds.to(kt.dtype), tl.trans(kt), input_precision=INPUT_PRECISION)
         dk_block = tl.dot(tl.trans(ds).to(qv.dtype), qv, input_precision=INPUT_PRECISION) * scale  # [BLOCK_S, BLOCK_D]
         dv_block = tl.dot(tl.trans(p).to(dov.dtype), dov, input_precision=INPUT_PRECISION)  # [BLOCK_S, BLOCK_DV]
-        tl.atomic_add(dk + kv_row[:, None] * D + offs_d[None, :], dk_block, mask=key_mask[:, None] & (offs_d[None, :] < D))
-        tl.atomic_add(dv + kv_row[:, None] * DV + offs_dv[None, :], dv_block, mask=key_mask[:, None] & (offs_dv[None, :] < DV))
+        tl.atomic_add(dk + kv_row[:, None] * D + offs_d[None, :], dk_block, mask=key_mask[:, None] & (offs_d[None, :] < D), sem="relaxed")
+        tl.atomic_add(dv + kv_row[:, None] * DV + offs_dv[None, :], dv_block, mask=key_mask[:, None] & (offs_dv[None, :] < DV), sem="relaxed")
     tl.store(
         dq + heads[:, None] * D + offs_d[None, :], (dq_acc * scale).to(dq.dtype.element_ty),
         mask=head_mask[:, None] & (offs_d[None, :] < D),

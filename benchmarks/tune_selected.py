@@ -1,0 +1,54 @@
+"""Sweep the launch parameters of the selected-attention kernels at one shape; prints ms per setting.
+
+    python benchmarks/tune_selected.py --seqlen 65536 --groups 1 4
+"""
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import fsa_compile  # noqa: E402,F401
+
+sel = sys.modules["fsa_compile.ops.selected_attention"]  # the module; the package attribute is the op
+from _harness import SelectedConfig, cuda_time_ms  # noqa: E402
+from bench_selected import make_indices  # noqa: E402
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--seqlen", type=int, default=65536)
+    parser.add_argument("--groups", type=int, nargs="+", default=[1, 4])
+    args = parser.parse_args()
+    for group in args.groups:
+        config = SelectedConfig(seqlen=args.seqlen, group=group)
+        q = torch.randn(1, config.seqlen, config.num_heads, 128, device="cuda", dtype=torch.bfloat16)
+        k = torch.randn(1, config.seqlen, 4, 128, device="cuda", dtype=torch.bfloat16)
+        v = torch.randn_like(k)
+        indices = make_indices(config, "cuda")
+        o, lse = torch.ops.fsa.selected_attention(q, k, v, indices, 64, None, None, "fsa")
+        do = torch.randn_like(o)
+        settings = [(64, 16, 4, 2), (64, 16, 4, 1), (64, 16, 4, 3), (64, 16, 8, 2), (64, 8, 4, 2), (64, 32, 4, 2),
+                    (128, 16, 8, 2), (128, 16, 4, 2)]
+        for block_m, steps, warps, stages in settings:
+            sel.FSA_FWD = sel.FSA_BWD = dict(block_m=block_m, steps=steps, num_warps=warps, num_stages=stages)
+            try:
+                fwd = cuda_time_ms(lambda: sel._selected_attention_fwd(q, k, v, indices, 64, None, None, "fsa"), 0.15)
+                bwd = cuda_time_ms(
+                    lambda: sel._selected_attention_bwd(do, None, q, k, v, o, lse, indices, 64, None, None, "fsa"), 0.15
+                )
+            except Exception as error:  # e.g. out of shared memory for a large tile
+                print(f"G={group} block_m={block_m} steps={steps} warps={warps} stages={stages}: {type(error).__name__}")
+                continue
+            print(f"G={group} block_m={block_m:3d} steps={steps:2d} warps={warps} stages={stages}: "
+                  f"fwd {fwd:7.3f} ms  bwd {bwd:7.3f} ms", flush=True)
+        for warps, stages in [(4, 2), (2, 2), (8, 2)]:
+            sel.NSA_LAUNCH = dict(num_warps=warps, num_stages=stages)
+            fwd = cuda_time_ms(lambda: sel._selected_attention_fwd(q, k, v, indices, 64, None, None, "nsa"), 0.15)
+            print(f"G={group} nsa warps={warps} stages={stages}: fwd {fwd:7.3f} ms", flush=True)
+
+
+if __name__ == "__main__":
+    main()
