@@ -151,6 +151,20 @@ def _launch_config(q, k, v, indices, block_size):
 FSA_FWD = dict(block_m=64, steps=16, num_warps=4, num_stages=1)
 FSA_BWD = dict(block_m=128, steps=16, num_warps=8, num_stages=2)
 NSA_LAUNCH = dict(num_warps=4, num_stages=2)
+# Smaller settings tried in order when the tuned ones need more shared memory than the GPU has (float32
+# inputs, head dims above 128).
+FSA_FALLBACKS = (dict(block_m=64, steps=16, num_warps=4, num_stages=1), dict(block_m=16, steps=32, num_warps=4, num_stages=1))
+NSA_FALLBACKS = (dict(num_warps=4, num_stages=1),)
+
+
+def _launch_fitting(launch, settings_chain):
+    """Call ``launch(settings)`` with the first settings whose kernel fits the GPU's shared memory."""
+    for settings in settings_chain[:-1]:
+        try:
+            return launch(settings)
+        except triton.runtime.errors.OutOfResources:
+            continue
+    return launch(settings_chain[-1])
 
 
 def _fsa_work(k, indices, block_size, cu_seqlens, query_rows, sequence_starts, group, settings):
@@ -176,18 +190,27 @@ def _selected_attention_fwd(q, k, v, indices, block_size, scale, cu_seqlens, ker
     query_rows, sequence_starts = _token_rows(q, k, cu_seqlens)
     o, lse = attention_outputs_like(q, v.shape[-1])
     if choose_kernel(kernel, group, num_queries) == "nsa":
-        _selected_attention_nsa_fwd_kernel[(num_queries, batch * hkv)](
-            q=q, k=k, v=v, indices=indices, query_rows=query_rows, sequence_starts=sequence_starts, o=o, lse=lse,
-            scale=scale, Tq=num_queries, Tk=k.shape[1], BLOCK_G=next_power_of_2(group), **config, **NSA_LAUNCH,
+        _launch_fitting(
+            lambda settings: _selected_attention_nsa_fwd_kernel[(num_queries, batch * hkv)](
+                q=q, k=k, v=v, indices=indices, query_rows=query_rows, sequence_starts=sequence_starts, o=o,
+                lse=lse, scale=scale, Tq=num_queries, Tk=k.shape[1], BLOCK_G=next_power_of_2(group), **config,
+                **settings,
+            ),
+            (NSA_LAUNCH, *NSA_FALLBACKS),
         )
         return o, lse
-    work, work_config = _fsa_work(k, indices, block_size, cu_seqlens, query_rows, sequence_starts, group, FSA_FWD)
     o_partial = q.new_empty(indices.numel(), group, v.shape[-1])
     lse_partial = torch.full((indices.numel(), group), float("-inf"), dtype=torch.float32, device=q.device)
-    _selected_attention_fsa_fwd_kernel[(work["item_keys"].shape[0],)](
-        q=q, k=k, v=v, **work, query_rows=query_rows, o_partial=o_partial, lse_partial=lse_partial, scale=scale,
-        Tq=num_queries, Tk=k.shape[1], **config, **work_config,
-    )
+
+    def launch(settings):
+        work, work_config = _fsa_work(k, indices, block_size, cu_seqlens, query_rows, sequence_starts, group, settings)
+        _selected_attention_fsa_fwd_kernel[(work["item_keys"].shape[0],)](
+            q=q, k=k, v=v, **work, query_rows=query_rows, o_partial=o_partial, lse_partial=lse_partial,
+            scale=scale, Tq=num_queries, Tk=k.shape[1], **config, **work_config,
+        )
+        return work_config
+
+    work_config = _launch_fitting(launch, (FSA_FWD, *FSA_FALLBACKS))
     block_r = max(16, work_config["GP"])
     num_tokens = batch * num_queries
     _selected_attention_fsa_merge_kernel[(triton.cdiv(num_tokens, block_r // work_config["GP"]), hkv)](
@@ -211,18 +234,25 @@ def _selected_attention_bwd(do, dlse, q, k, v, o, lse, indices, block_size, scal
     dv = torch.zeros(v.shape, dtype=torch.float32, device=v.device)
     if choose_kernel(kernel, hq // hkv, num_queries, backward=True) == "nsa":
         dq = torch.empty_like(q)
-        _selected_attention_nsa_bwd_kernel[(num_queries, batch * hkv)](
-            q=q, k=k, v=v, do=do, lse=lse.contiguous(), delta=delta, indices=indices, query_rows=query_rows,
-            sequence_starts=sequence_starts, dq=dq, dk=dk, dv=dv, scale=scale, Tq=num_queries, Tk=k.shape[1],
-            BLOCK_G=next_power_of_2(hq // hkv), **config, **NSA_LAUNCH,
+        _launch_fitting(
+            lambda settings: _selected_attention_nsa_bwd_kernel[(num_queries, batch * hkv)](
+                q=q, k=k, v=v, do=do, lse=lse.contiguous(), delta=delta, indices=indices, query_rows=query_rows,
+                sequence_starts=sequence_starts, dq=dq, dk=dk, dv=dv, scale=scale, Tq=num_queries, Tk=k.shape[1],
+                BLOCK_G=next_power_of_2(hq // hkv), **config, **settings,
+            ),
+            (NSA_LAUNCH, *NSA_FALLBACKS),
         )
         return dq, dk.to(k.dtype), dv.to(v.dtype)
-    work, work_config = _fsa_work(k, indices, block_size, cu_seqlens, query_rows, sequence_starts, hq // hkv, FSA_BWD)
     dq = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
-    _selected_attention_fsa_bwd_kernel[(work["item_keys"].shape[0],)](
-        q=q, k=k, v=v, do=do, lse=lse.contiguous(), delta=delta, **work, query_rows=query_rows, dq=dq, dk=dk, dv=dv,
-        scale=scale, Tq=num_queries, Tk=k.shape[1], **config, **work_config,
-    )
+
+    def launch(settings):
+        work, work_config = _fsa_work(k, indices, block_size, cu_seqlens, query_rows, sequence_starts, hq // hkv, settings)
+        _selected_attention_fsa_bwd_kernel[(work["item_keys"].shape[0],)](
+            q=q, k=k, v=v, do=do, lse=lse.contiguous(), delta=delta, **work, query_rows=query_rows, dq=dq, dk=dk,
+            dv=dv, scale=scale, Tq=num_queries, Tk=k.shape[1], **config, **work_config,
+        )
+
+    _launch_fitting(launch, (FSA_BWD, *FSA_FALLBACKS))
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
 
 
