@@ -54,8 +54,8 @@ def providers(config: SelectedConfig, device):
     v = torch.randn(B, T, hkv, D, device=device, dtype=dtype, requires_grad=True)
     indices = make_indices(config, device)
 
-    def selected(kernel):
-        return lambda: torch.ops.fsa.selected_attention(q, k, v, indices, config.block_size, None, None, kernel)[0]
+    def selected(impl):
+        return lambda: torch.ops.fsa.selected_attention(q, k, v, indices, config.block_size, None, None, impl)[0]
 
     out = {"fsa": (selected("fsa"), (q, k, v)), "nsa": (selected("nsa"), (q, k, v)), "auto": (selected("auto"), (q, k, v))}
     qt = q.detach().transpose(1, 2).requires_grad_()

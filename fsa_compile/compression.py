@@ -66,7 +66,7 @@ def compress(x, weight, pos_emb, kernel_size: int, kernel_stride: int, cu_seqlen
     first, _, valid = compressed_layout(cu_seqlens, num_tokens, kernel_size, kernel_stride, x.device)
     tokens = (first[:, None] + torch.arange(kernel_size, device=x.device)).clamp(max=max(num_tokens - 1, 0))
     windows = x[:, tokens] + pos_emb.transpose(0, 1)  # [B, Tc, ks, H, D]
-    windows = windows.permute(0, 1, 3, 2, 4).reshape(batch, -1, heads, kernel_size * dim)
+    windows = windows.permute(0, 1, 3, 2, 4).reshape(batch, tokens.shape[0], heads, kernel_size * dim)
     out = torch.einsum("bchk,hkd->bchd", windows, weight)
     if cu_seqlens is not None:
         out = out * valid.view(1, -1, 1, 1).to(out.dtype)

@@ -69,7 +69,7 @@ def select_blocks(
 
 def selected_attention(
     q: Tensor, k: Tensor, v: Tensor, indices: Tensor, block_size: int,
-    scale: float | None = None, cu_seqlens: Tensor | None = None,
+    scale: float | None = None, cu_seqlens: Tensor | None = None, impl: str = "auto",
 ) -> tuple[Tensor, Tensor]:
     """Exact causal attention over the key blocks ``indices[b, t, h // G]``.
 
@@ -77,6 +77,8 @@ def selected_attention(
         q: [B, Tq, Hq, D]; k, v: [B, Tk, Hkv, D] / [B, Tk, Hkv, Dv].
         indices: int32 [B, Tq, Hkv, topk] block numbers, ascending, ``-1`` last; out-of-range = ``-1``.
         block_size: tokens per block.
+        impl: CUDA kernel: ``"fsa"`` (KV-block-centric), ``"nsa"`` (query-centric) or ``"auto"`` (FSA for
+            G < 16 and the whole backward, NSA otherwise). Ignored on CPU. Default: ``"auto"``.
     Returns:
         o [B, Tq, Hq, Dv], lse [B, Tq, Hq] float32.
     """
@@ -84,7 +86,9 @@ def selected_attention(
         tensors=(("q", q), ("k", k), ("v", v), ("indices", indices)), optional_tensors=(("cu_seqlens", cu_seqlens),),
         ints=(("block_size", block_size),), scale=scale,
     )
-    return torch.ops.fsa.selected_attention(q, k, v, indices, block_size, scale, cu_seqlens)
+    if not isinstance(impl, str):
+        raise TypeError(f"impl must be a str ('auto', 'fsa' or 'nsa'), got {type(impl).__name__}")
+    return torch.ops.fsa.selected_attention(q, k, v, indices, block_size, scale, cu_seqlens, impl)
 
 
 def sliding_window_attention(

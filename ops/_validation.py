@@ -142,7 +142,11 @@ def check_compression(kernel_size, kernel_stride) -> None:
 
 def num_compressed(num_keys, kernel_size: int, kernel_stride: int):
     """Tc = max(0, (Tk - kernel_size) // kernel_stride + 1); with cu_seqlens, Tk is the packed total."""
-    return torch.sym_max(0, (num_keys - kernel_size) // kernel_stride + 1)
+    # A branch (a guard ``Tk >= kernel_size`` under dynamic shapes) rather than sym_max: Max(0, ...) keeps
+    # the shape solver from proving Tc >= 1, which breaks torch.export with a dynamic T.
+    if num_keys < kernel_size:
+        return 0
+    return (num_keys - kernel_size) // kernel_stride + 1
 
 
 def check_compressed_keys(name: str, k_cmp, q: torch.Tensor, num_keys, kernel_size, kernel_stride) -> None:

@@ -10,8 +10,8 @@ Differentiable in q, k, v.
 
 Kernels:
 - CUDA (and CPU tensors under ``TRITON_INTERPRET=1`` with the CPU kernel disabled): Triton.
-  ``kernel="fsa"`` is the KV-block-centric FSA kernel (``_kernels/selected_fsa.py``), ``kernel="nsa"`` the
-  query-centric vanilla NSA kernel (``_kernels/selected_nsa.py``); ``kernel="auto"`` picks by
+  ``impl="fsa"`` is the KV-block-centric FSA kernel (``_kernels/selected_fsa.py``), ``impl="nsa"`` the
+  query-centric vanilla NSA kernel (``_kernels/selected_nsa.py``); ``impl="auto"`` picks by
   ``choose_kernel``. float32 inputs use IEEE-exact dots (no TF32). float64 falls back to PyTorch.
 - CPU: vectorised PyTorch that gathers each query's selected blocks, chunked over queries.
 """
@@ -33,13 +33,15 @@ from ._kernels.selected_fsa import (
 from ._kernels.selected_nsa import _selected_attention_nsa_bwd_kernel, _selected_attention_nsa_fwd_kernel
 from ._library import attention_grads_like, attention_outputs_like, op_name, register_attention_autograd, resolve_scale
 
-KERNELS = ("auto", "fsa", "nsa")
+# Named ``impl`` rather than ``kernel``: Inductor's FallbackKernel.create() takes a ``kernel`` argument of its
+# own and fails to lower an op with an argument of that name.
+IMPLS = ("auto", "fsa", "nsa")
 
 
-def _check_inputs(q, k, v, indices, block_size, scale, cu_seqlens, kernel="auto") -> None:
+def _check_inputs(q, k, v, indices, block_size, scale, cu_seqlens, impl="auto") -> None:
     check.check_qkv(q, k, v)
-    if kernel not in KERNELS:
-        raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
+    if impl not in IMPLS:
+        raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
     check.check_indices(indices, q, k.shape[2])
     check.check_positive("block_size", block_size)
     check.check_cu_seqlens(cu_seqlens, q, k.shape[1])
@@ -72,8 +74,8 @@ def _plan(q, k, v, indices, block_size, cu_seqlens):
     return segments, select_keys, chunk
 
 
-def choose_kernel(kernel: str, group_size: int, num_queries: int, backward: bool = False) -> str:
-    """The ``kernel="auto"`` heuristic (measured on an H100, see ``benchmarks/bench_selected.py``).
+def choose_kernel(impl: str, group_size: int, num_queries: int, backward: bool = False) -> str:
+    """The ``impl="auto"`` heuristic (measured on an H100, see ``benchmarks/bench_selected.py``).
 
     Backward: always FSA; the vanilla NSA backward adds dk/dv with atomics per (query, block) and was
     2x-30x slower at every G. Forward: the NSA kernel pads each group to 16 rows per dot, so at small G most of
@@ -81,8 +83,8 @@ def choose_kernel(kernel: str, group_size: int, num_queries: int, backward: bool
     index inversion or partial outputs, is faster (G = 16: 17.5 vs 22.5 ms at T = 64K; G = 4: FSA 6.2 vs 17 ms).
     Decode-sized calls (few queries) go to NSA.
     """
-    if kernel != "auto":
-        return kernel
+    if impl != "auto":
+        return impl
     if backward:
         return "fsa"
     return "fsa" if group_size < 16 and num_queries >= 64 else "nsa"
@@ -180,7 +182,7 @@ def _fsa_work(k, indices, block_size, cu_seqlens, query_rows, sequence_starts, g
     return dict(zip(names, items)), launch
 
 
-def _selected_attention_fwd(q, k, v, indices, block_size, scale, cu_seqlens, kernel):
+def _selected_attention_fwd(q, k, v, indices, block_size, scale, cu_seqlens, impl):
     q, k, v, indices = (x.contiguous() for x in (q, k, v, indices))
     batch, num_queries, hq, d = q.shape
     hkv = k.shape[2]
@@ -189,7 +191,7 @@ def _selected_attention_fwd(q, k, v, indices, block_size, scale, cu_seqlens, ker
     config = _launch_config(q, k, v, indices, block_size)
     query_rows, sequence_starts = _token_rows(q, k, cu_seqlens)
     o, lse = attention_outputs_like(q, v.shape[-1])
-    if choose_kernel(kernel, group, num_queries) == "nsa":
+    if choose_kernel(impl, group, num_queries) == "nsa":
         _launch_fitting(
             lambda settings: _selected_attention_nsa_fwd_kernel[(num_queries, batch * hkv)](
                 q=q, k=k, v=v, indices=indices, query_rows=query_rows, sequence_starts=sequence_starts, o=o,
@@ -220,7 +222,7 @@ def _selected_attention_fwd(q, k, v, indices, block_size, scale, cu_seqlens, ker
     return o, lse
 
 
-def _selected_attention_bwd(do, dlse, q, k, v, o, lse, indices, block_size, scale, cu_seqlens, kernel):
+def _selected_attention_bwd(do, dlse, q, k, v, o, lse, indices, block_size, scale, cu_seqlens, impl):
     q, k, v, indices, do = (x.contiguous() for x in (q, k, v, indices, do))
     batch, num_queries, hq, d = q.shape
     hkv = k.shape[2]
@@ -232,7 +234,7 @@ def _selected_attention_bwd(do, dlse, q, k, v, o, lse, indices, block_size, scal
         delta = delta - dlse.float()
     dk = torch.zeros(k.shape, dtype=torch.float32, device=k.device)
     dv = torch.zeros(v.shape, dtype=torch.float32, device=v.device)
-    if choose_kernel(kernel, hq // hkv, num_queries, backward=True) == "nsa":
+    if choose_kernel(impl, hq // hkv, num_queries, backward=True) == "nsa":
         dq = torch.empty_like(q)
         _launch_fitting(
             lambda settings: _selected_attention_nsa_bwd_kernel[(num_queries, batch * hkv)](
@@ -259,12 +261,12 @@ def _selected_attention_bwd(do, dlse, q, k, v, o, lse, indices, block_size, scal
 @torch.library.custom_op(op_name("selected_attention"), mutates_args=())
 def selected_attention(
     q: Tensor, k: Tensor, v: Tensor, indices: Tensor, block_size: int,
-    scale: float | None = None, cu_seqlens: Tensor | None = None, kernel: str = "auto",
+    scale: float | None = None, cu_seqlens: Tensor | None = None, impl: str = "auto",
 ) -> tuple[Tensor, Tensor]:
-    _check_inputs(q, k, v, indices, block_size, scale, cu_seqlens, kernel)
+    _check_inputs(q, k, v, indices, block_size, scale, cu_seqlens, impl)
     if q.dtype == torch.float64:
         return _selected_attention_torch(q, k, v, indices, block_size, scale, cu_seqlens)
-    return _selected_attention_fwd(q, k, v, indices, block_size, scale, cu_seqlens, kernel)
+    return _selected_attention_fwd(q, k, v, indices, block_size, scale, cu_seqlens, impl)
 
 
 def _selected_attention_torch(q, k, v, indices, block_size, scale, cu_seqlens):
@@ -273,14 +275,14 @@ def _selected_attention_torch(q, k, v, indices, block_size, scale, cu_seqlens):
 
 
 @selected_attention.register_kernel("cpu")
-def _(q, k, v, indices, block_size, scale=None, cu_seqlens=None, kernel="auto"):
-    _check_inputs(q, k, v, indices, block_size, scale, cu_seqlens, kernel)
+def _(q, k, v, indices, block_size, scale=None, cu_seqlens=None, impl="auto"):
+    _check_inputs(q, k, v, indices, block_size, scale, cu_seqlens, impl)
     return _selected_attention_torch(q, k, v, indices, block_size, scale, cu_seqlens)
 
 
 @selected_attention.register_fake
-def _(q, k, v, indices, block_size, scale=None, cu_seqlens=None, kernel="auto"):
-    _check_inputs(q, k, v, indices, block_size, scale, cu_seqlens, kernel)
+def _(q, k, v, indices, block_size, scale=None, cu_seqlens=None, impl="auto"):
+    _check_inputs(q, k, v, indices, block_size, scale, cu_seqlens, impl)
     return attention_outputs_like(q, v.shape[-1])
 
 
@@ -288,11 +290,11 @@ def _(q, k, v, indices, block_size, scale=None, cu_seqlens=None, kernel="auto"):
 def selected_attention_backward(
     do: Tensor, dlse: Tensor | None, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor,
     indices: Tensor, block_size: int, scale: float | None = None, cu_seqlens: Tensor | None = None,
-    kernel: str = "auto",
+    impl: str = "auto",
 ) -> tuple[Tensor, Tensor, Tensor]:
     if q.dtype == torch.float64:
         return _selected_attention_backward_torch(do, dlse, q, k, v, o, lse, indices, block_size, scale, cu_seqlens)
-    return _selected_attention_bwd(do, dlse, q, k, v, o, lse, indices, block_size, scale, cu_seqlens, kernel)
+    return _selected_attention_bwd(do, dlse, q, k, v, o, lse, indices, block_size, scale, cu_seqlens, impl)
 
 
 def _selected_attention_backward_torch(do, dlse, q, k, v, o, lse, indices, block_size, scale, cu_seqlens):
@@ -303,12 +305,12 @@ def _selected_attention_backward_torch(do, dlse, q, k, v, o, lse, indices, block
 
 
 @selected_attention_backward.register_kernel("cpu")
-def _(do, dlse, q, k, v, o, lse, indices, block_size, scale=None, cu_seqlens=None, kernel="auto"):
+def _(do, dlse, q, k, v, o, lse, indices, block_size, scale=None, cu_seqlens=None, impl="auto"):
     return _selected_attention_backward_torch(do, dlse, q, k, v, o, lse, indices, block_size, scale, cu_seqlens)
 
 
 @selected_attention_backward.register_fake
-def _(do, dlse, q, k, v, o, lse, indices, block_size, scale=None, cu_seqlens=None, kernel="auto"):
+def _(do, dlse, q, k, v, o, lse, indices, block_size, scale=None, cu_seqlens=None, impl="auto"):
     return attention_grads_like(q, k, v)
 
 

@@ -165,7 +165,7 @@ SELECTED_PATHS = (("torch", "fsa", "nsa") if DEVICE == "cpu" else ("fsa", "nsa")
 
 @contextlib.contextmanager
 def selected_attention_path(path: str):
-    """Run ``torch.ops.fsa.selected_attention`` through ``path``; yields the ``kernel=`` value to pass."""
+    """Run ``torch.ops.fsa.selected_attention`` through ``path``; yields the ``impl=`` value to pass."""
     from fsa_compile.ops.selected_attention import selected_attention, selected_attention_backward
 
     if path == "torch" or DEVICE != "cpu":

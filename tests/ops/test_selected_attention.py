@@ -12,17 +12,17 @@ BLOCKS = [(16, 3), (32, 2), (64, 4)]  # (block_size, topk); the last asks for mo
 
 
 @pytest.fixture(params=SELECTED_PATHS)
-def kernel(request):
-    with selected_attention_path(request.param) as kernel:
-        yield kernel
+def impl(request):
+    with selected_attention_path(request.param) as impl:
+        yield impl
 
 
 @pytest.mark.parametrize("block_size,topk", BLOCKS, ids=lambda x: str(x))
 @pytest.mark.parametrize("case,dtype", case_params())
-def test_matches_reference(case, dtype, block_size, topk, kernel):
+def test_matches_reference(case, dtype, block_size, topk, impl):
     q, k, v, cu = case.inputs(dtype)
     indices = make_indices(case.batch, case.num_queries, case.num_keys, case.hkv, block_size, topk, cu)
-    out = torch.ops.fsa.selected_attention(q, k, v, indices, block_size, None, cu, kernel)
+    out = torch.ops.fsa.selected_attention(q, k, v, indices, block_size, None, cu, impl)
     check_attention(
         out, lambda q, k, v: reference.selected_attention(q, k, v, indices, block_size, None, cu), (q, k, v), dtype
     )
@@ -30,23 +30,23 @@ def test_matches_reference(case, dtype, block_size, topk, kernel):
 
 @pytest.mark.parametrize("block_size,topk,g,d", [(8, 4, 3, 20), (64, 2, 16, 32), (20, 3, 1, 8), (64, 2, 2, 256)],
                          ids=["G3-D20-bs8", "G16-D32-bs64", "G1-D8-bs20", "G2-D256-bs64"])
-def test_odd_groups_head_dims_and_block_sizes(block_size, topk, g, d, kernel):
+def test_odd_groups_head_dims_and_block_sizes(block_size, topk, g, d, impl):
     q, k, v = make_qkv(2, 70, 90, 2 * g, 2, d, min(d + 4, 256))
     indices = make_indices(2, 70, 90, 2, block_size, topk)
-    out = torch.ops.fsa.selected_attention(q, k, v, indices, block_size, 0.25, None, kernel)
+    out = torch.ops.fsa.selected_attention(q, k, v, indices, block_size, 0.25, None, impl)
     check_attention(
         out, lambda q, k, v: reference.selected_attention(q, k, v, indices, block_size, 0.25), (q, k, v), torch.float32
     )
 
 
-def test_out_of_range_indices_are_ignored(kernel):
+def test_out_of_range_indices_are_ignored(impl):
     q, k, v = make_qkv(2, 50, 70, 4, 2, 16)
     indices = make_indices(2, 50, 70, 2, 8, 4)
     # Poison the empty slots with blocks past the end (9 * 8 > 69), far out of range and negative values.
     junk = torch.tensor([999, 9, -5, 2**30], dtype=torch.int32, device=DEVICE)
     poisoned = torch.where(indices < 0, junk.expand_as(indices), indices)
-    clean_o, clean_lse = torch.ops.fsa.selected_attention(q, k, v, indices, 8, None, None, kernel)
-    o, lse = torch.ops.fsa.selected_attention(q, k, v, poisoned, 8, None, None, kernel)
+    clean_o, clean_lse = torch.ops.fsa.selected_attention(q, k, v, indices, 8, None, None, impl)
+    o, lse = torch.ops.fsa.selected_attention(q, k, v, poisoned, 8, None, None, impl)
     torch.testing.assert_close(o, clean_o, rtol=0, atol=1e-6)
     torch.testing.assert_close(lse, clean_lse, rtol=0, atol=1e-6)
 
@@ -62,10 +62,10 @@ def test_all_blocks_selected_is_causal_attention():
     torch.testing.assert_close(o, expected)
 
 
-def test_no_block_gives_zero_and_minus_inf(kernel):
+def test_no_block_gives_zero_and_minus_inf(impl):
     q, k, v = make_qkv(1, 10, 10, 2, 1, 8)
     indices = torch.full((1, 10, 1, 2), -1, dtype=torch.int32, device=DEVICE)
-    o, lse = torch.ops.fsa.selected_attention(q, k, v, indices, 4, None, None, kernel)
+    o, lse = torch.ops.fsa.selected_attention(q, k, v, indices, 4, None, None, impl)
     assert torch.equal(o, torch.zeros_like(o)) and torch.all(lse == float("-inf"))
     (o * torch.randn_like(o)).sum().backward()
     assert torch.equal(q.grad, torch.zeros_like(q)) and torch.equal(k.grad, torch.zeros_like(k))
@@ -84,23 +84,23 @@ def test_auto_heuristic():
     assert choose_kernel("nsa", 1, 4096) == "nsa" and choose_kernel("fsa", 16, 1) == "fsa"
 
 
-def test_kernel_argument_is_validated():
+def test_impl_argument_is_validated():
     q, k, v = make_qkv(1, 8, 8, 2, 1, 8)
     indices = torch.zeros(1, 8, 1, 1, dtype=torch.int32, device=DEVICE)
-    with pytest.raises(ValueError, match=r"kernel must be one of \('auto', 'fsa', 'nsa'\), got 'flash'"):
+    with pytest.raises(ValueError, match=r"impl must be one of \('auto', 'fsa', 'nsa'\), got 'flash'"):
         torch.ops.fsa.selected_attention(q, k, v, indices, 4, None, None, "flash")
 
 
 @pytest.mark.parametrize("varlen", [False, True], ids=["dense", "varlen"])
-def test_opcheck(varlen, kernel):
+def test_opcheck(varlen, impl):
     q, k, v = make_qkv(1, 29, 29, 4, 2, 16)
     cu = torch.tensor([0, 13, 29], dtype=torch.int32, device=DEVICE) if varlen else None
     indices = make_indices(1, 29, 29, 2, 4, 3, cu)
-    torch.library.opcheck(torch.ops.fsa.selected_attention, (q, k, v, indices, 4, None, cu, kernel))
-    o, lse = torch.ops.fsa.selected_attention(q, k, v, indices, 4, None, cu, kernel)
+    torch.library.opcheck(torch.ops.fsa.selected_attention, (q, k, v, indices, 4, None, cu, impl))
+    o, lse = torch.ops.fsa.selected_attention(q, k, v, indices, 4, None, cu, impl)
     for dlse in (None, torch.randn_like(lse)):
         torch.library.opcheck(
             torch.ops.fsa.selected_attention_backward,
             (torch.randn_like(o), dlse, q.detach(), k.detach(), v.detach(), o.detach(), lse.detach(), indices, 4,
-             None, cu, kernel),
+             None, cu, impl),
         )
