@@ -38,6 +38,17 @@ def _num_windows(length: int, kernel_size: int, kernel_stride: int) -> int:
     return max(0, (length - kernel_size) // kernel_stride + 1)
 
 
+def _compressed_sequences(tq, tk, kernel_size, kernel_stride, cu_seqlens):
+    """(query start, query end, first compressed row, number of raw keys) of every sequence."""
+    if cu_seqlens is None:
+        return [(0, tq, 0, tk)]
+    seqs, offset = [], 0
+    for start, end in _spans(tq, cu_seqlens):
+        seqs.append((start, end, offset, end - start))
+        offset += _num_windows(end - start, kernel_size, kernel_stride)
+    return seqs
+
+
 def _dense_attention(q, k, v, allowed, scale):
     """Softmax attention of one sequence under an explicit boolean mask.
 
@@ -131,13 +142,7 @@ def compressed_attention(q, k_cmp, v_cmp, kernel_size, kernel_stride, scale=None
     tk = tq if seqlen_k is None else seqlen_k
     outs, lses = [], []
     for b in range(batch):
-        if cu_seqlens is None:
-            seqs = [(0, tq, 0, tk)]
-        else:
-            seqs, offset = [], 0
-            for start, end in _spans(tq, cu_seqlens):
-                seqs.append((start, end, offset, end - start))
-                offset += _num_windows(end - start, kernel_size, kernel_stride)
+        seqs = _compressed_sequences(tq, tk, kernel_size, kernel_stride, cu_seqlens)
         o_b, lse_b = [], []
         for qs, qe, cs, nk in seqs:
             nq = qe - qs
@@ -170,13 +175,7 @@ def block_scores(q, k_cmp, lse, kernel_size, kernel_stride, block_size, scale=No
     max_blocks = -(-tk // block_size)
     out = torch.full((batch, tq, hkv, max_blocks), float("-inf"), dtype=torch.float64)
     for b in range(batch):
-        if cu_seqlens is None:
-            seqs = [(0, tq, 0, tk)]
-        else:
-            seqs, offset = [], 0
-            for start, end in _spans(tq, cu_seqlens):
-                seqs.append((start, end, offset, end - start))
-                offset += _num_windows(end - start, kernel_size, kernel_stride)
+        seqs = _compressed_sequences(tq, tk, kernel_size, kernel_stride, cu_seqlens)
         for qs, qe, cs, nk in seqs:
             nq = qe - qs
             nc = _num_windows(nk, kernel_size, kernel_stride)

@@ -173,3 +173,15 @@ def selected_attention_path(path: str):
         return
     with selected_attention.set_kernel_enabled("cpu", False), selected_attention_backward.set_kernel_enabled("cpu", False):
         yield path
+
+
+def make_small_layer(**overrides):
+    """A small FlashSparseAttention (hidden 64, Hq 4, Hkv 2, D 16) whose parameters all matter."""
+    import fsa_compile
+
+    config = dict(kernel_size=8, kernel_stride=4, block_size=8, topk=3, init_blocks=1, local_blocks=1, window_size=16)
+    layer = fsa_compile.FlashSparseAttention(64, 4, 2, 16, **(config | overrides)).to(DEVICE)
+    with torch.no_grad():  # move away from the mean-pooling start
+        for p in layer.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return layer

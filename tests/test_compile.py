@@ -4,10 +4,7 @@ import pytest
 import torch
 from torch._dynamo.testing import CompileCounterWithBackend
 
-import fsa_compile
-from tests._testing import DEVICE, make_cu_seqlens
-
-CONFIG = dict(kernel_size=8, kernel_stride=4, block_size=8, topk=3, init_blocks=1, local_blocks=1, window_size=16)
+from tests._testing import DEVICE, make_cu_seqlens, make_small_layer
 
 
 @pytest.fixture(autouse=True)
@@ -17,23 +14,15 @@ def _fresh_dynamo():
     torch._dynamo.reset()
 
 
-def make_layer():
-    layer = fsa_compile.FlashSparseAttention(64, 4, 2, 16, **CONFIG).to(DEVICE)
-    with torch.no_grad():
-        for p in layer.parameters():
-            p.add_(0.05 * torch.randn_like(p))
-    return layer
-
-
 def test_no_graph_breaks():
-    layer = make_layer()
+    layer = make_small_layer()
     explanation = torch._dynamo.explain(layer)(torch.randn(2, 45, 64, device=DEVICE))
     assert explanation.graph_break_count == 0, explanation.break_reasons
 
 
 @pytest.mark.parametrize("varlen", [False, True], ids=["batched", "varlen"])
 def test_fullgraph_matches_eager_forward_and_backward(varlen):
-    layer = make_layer()
+    layer = make_small_layer()
     compiled = torch.compile(layer, fullgraph=True)
     cu = make_cu_seqlens((20, 37)) if varlen else None
     x = torch.randn(1 if varlen else 2, 57, 64, device=DEVICE, requires_grad=True)
@@ -47,7 +36,7 @@ def test_fullgraph_matches_eager_forward_and_backward(varlen):
 
 
 def test_dynamic_shapes_do_not_recompile():
-    layer = make_layer()
+    layer = make_small_layer()
     counter = CompileCounterWithBackend("inductor")
     compiled = torch.compile(layer, backend=counter, fullgraph=True, dynamic=True)
     frames = None

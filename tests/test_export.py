@@ -5,8 +5,7 @@ import sys
 
 import torch
 
-import fsa_compile
-from tests._testing import DEVICE
+from tests._testing import DEVICE, make_small_layer
 
 FSA_OPS = [
     "fsa.compressed_attention.default", "fsa.select_blocks.default", "fsa.selected_attention.default",
@@ -14,19 +13,8 @@ FSA_OPS = [
 ]
 
 
-def make_layer():
-    layer = fsa_compile.FlashSparseAttention(
-        64, 4, 2, 16, kernel_size=8, kernel_stride=4, block_size=8, topk=3, init_blocks=1, local_blocks=1,
-        window_size=16,
-    ).to(DEVICE).eval()
-    with torch.no_grad():
-        for p in layer.parameters():
-            p.add_(0.05 * torch.randn_like(p))
-    return layer
-
-
 def test_export_keeps_fsa_ops():
-    layer = make_layer()
+    layer = make_small_layer()
     x = torch.randn(2, 45, 64, device=DEVICE)
     program = torch.export.export(layer, (x,))
     targets = sorted({str(node.target) for node in program.graph.nodes if str(node.target).startswith("fsa.")})
@@ -35,7 +23,7 @@ def test_export_keeps_fsa_ops():
 
 
 def test_aoti_package_runs_in_a_fresh_process(tmp_path):
-    layer = make_layer()
+    layer = make_small_layer()
     x = torch.randn(1, 45, 64, device=DEVICE)
     program = torch.export.export(layer, (x,))
     package = torch._inductor.aoti_compile_and_package(program, package_path=str(tmp_path / "layer.pt2"))

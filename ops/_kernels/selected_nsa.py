@@ -16,6 +16,18 @@ from .common import finite_or_zero, masked_scores
 
 
 @triton.jit
+def _program(query_rows, sequence_starts, Tq, Tk, HKV: tl.constexpr):
+    """This program's query token (b * Tq + t), KV head, the token's own row in k, its sequence start, and
+    the first row of its batch row in k (b * Tk)."""
+    t = tl.program_id(0).to(tl.int64)
+    bh = tl.program_id(1)
+    b = (bh // HKV).to(tl.int64)
+    query_row = tl.load(query_rows + t).to(tl.int64)
+    sequence_start = tl.load(sequence_starts + t).to(tl.int64)
+    return b * Tq + t, bh % HKV, query_row, sequence_start, b * Tk
+
+
+@triton.jit
 def _selected_block(indices_row, slot, query_row, sequence_start, offs_s, BS: tl.constexpr):
     """Key rows [BLOCK_S] of the selected block in ``slot`` and their mask; invalid slots mask everything."""
     j = tl.load(indices_row + slot)
@@ -34,12 +46,7 @@ def _selected_attention_nsa_fwd_kernel(
     D: tl.constexpr, DV: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_DV: tl.constexpr, INPUT_PRECISION: tl.constexpr,
 ):
-    t = tl.program_id(0).to(tl.int64)
-    bh = tl.program_id(1)
-    b = (bh // HKV).to(tl.int64)
-    h = bh % HKV
-    query_row = tl.load(query_rows + t).to(tl.int64)
-    sequence_start = tl.load(sequence_starts + t).to(tl.int64)
+    token, h, query_row, sequence_start, key_base = _program(query_rows, sequence_starts, Tq, Tk, HKV)
     qk_scale = scale * 1.4426950408889634
 
     offs_g = tl.arange(0, BLOCK_G)
@@ -47,7 +54,6 @@ def _selected_attention_nsa_fwd_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
     head_mask = offs_g < G
-    token = b * Tq + t
     qv = tl.load(  # [BLOCK_G, BLOCK_D]
         q + (token * HQ + h * G + offs_g[:, None]) * D + offs_d[None, :],
         mask=head_mask[:, None] & (offs_d[None, :] < D), other=0.0,
@@ -59,7 +65,7 @@ def _selected_attention_nsa_fwd_kernel(
     acc = tl.zeros([BLOCK_G, BLOCK_DV], tl.float32)
     for slot in range(TOPK):
         key_row, key_mask = _selected_block(indices_row, slot, query_row, sequence_start, offs_s, BS)
-        kv_row = (b * Tk + key_row) * HKV + h
+        kv_row = (key_base + key_row) * HKV + h
         kt = tl.load(k + kv_row[None, :] * D + offs_d[:, None], mask=key_mask[None, :] & (offs_d[:, None] < D), other=0.0)
         s = masked_scores(qv, kt, key_mask[None, :], qk_scale, INPUT_PRECISION)  # [BLOCK_G, BLOCK_S]
         m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -90,12 +96,7 @@ def _selected_attention_nsa_bwd_kernel(
     BLOCK_DV: tl.constexpr, INPUT_PRECISION: tl.constexpr,
 ):
     """dq is written by the owning program; dk/dv (float32) are accumulated with atomics."""
-    t = tl.program_id(0).to(tl.int64)
-    bh = tl.program_id(1)
-    b = (bh // HKV).to(tl.int64)
-    h = bh % HKV
-    query_row = tl.load(query_rows + t).to(tl.int64)
-    sequence_start = tl.load(sequence_starts + t).to(tl.int64)
+    token, h, query_row, sequence_start, key_base = _program(query_rows, sequence_starts, Tq, Tk, HKV)
 
     qk_scale = scale * 1.4426950408889634
 
@@ -104,7 +105,6 @@ def _selected_attention_nsa_bwd_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
     head_mask = offs_g < G
-    token = b * Tq + t
     heads = token * HQ + h * G + offs_g
     qv = tl.load(q + heads[:, None] * D + offs_d[None, :], mask=head_mask[:, None] & (offs_d[None, :] < D), other=0.0)
     dov = tl.load(do + heads[:, None] * DV + offs_dv[None, :], mask=head_mask[:, None] & (offs_dv[None, :] < DV), other=0.0)
@@ -115,7 +115,7 @@ def _selected_attention_nsa_bwd_kernel(
     dq_acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
     for slot in range(TOPK):
         key_row, key_mask = _selected_block(indices_row, slot, query_row, sequence_start, offs_s, BS)
-        kv_row = (b * Tk + key_row) * HKV + h
+        kv_row = (key_base + key_row) * HKV + h
         kt = tl.load(k + kv_row[None, :] * D + offs_d[:, None], mask=key_mask[None, :] & (offs_d[:, None] < D), other=0.0)
         vt = tl.load(v + kv_row[None, :] * DV + offs_dv[:, None], mask=key_mask[None, :] & (offs_dv[:, None] < DV), other=0.0)
         mask = head_mask[:, None] & key_mask[None, :]
