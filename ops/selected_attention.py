@@ -100,22 +100,26 @@ def _token_rows(q: Tensor, k: Tensor, cu_seqlens: Tensor | None) -> tuple[Tensor
     return tokens, cu_seqlens[sequence]
 
 
-def _invert_indices(indices, query_rows, sequence_starts, block_size, num_keys, num_sequences, block_q):
+def _invert_indices(indices, first_token, num_queries, query_rows, sequence_starts, block_size, num_keys, batch,
+                    num_sequences, block_q):
     """Per-KV-block lists of the (query, slot) entries that selected it, cut into work items of <= block_q.
 
-    Sync-free and sized from shapes: E = B*Tq*Hkv*topk entries. Returns int32 (sorted_entries [E],
-    item_keys, item_starts, item_lengths [num_items]) as described in ``_kernels/selected_fsa.py``.
+    ``indices [N, Hkv, topk]`` are the selections of the flattened tokens ``first_token .. first_token + N`` of
+    ``[B * Tq]``. Sync-free and sized from shapes (E = N*Hkv*topk entries). Returns int32 (sorted_entries [E],
+    item_keys, item_starts, item_lengths [num_items]) as described in ``_kernels/selected_fsa.py``; entries
+    are numbered from the chunk's first token.
     """
-    batch, num_queries, hkv, topk = indices.shape
+    num_tokens, hkv, topk = indices.shape
     device = indices.device
+    tokens = first_token + torch.arange(num_tokens, device=device)
+    t = tokens % num_queries
     blocks = indices.long()
-    last_block = ((query_rows - sequence_starts) // block_size).long().view(1, -1, 1, 1)
-    valid = (blocks >= 0) & (blocks <= last_block)
-    batch_head = (torch.arange(batch, device=device).view(-1, 1, 1, 1) * hkv + torch.arange(hkv, device=device).view(1, 1, -1, 1))
+    start = sequence_starts.long()[t].view(-1, 1, 1)
+    valid = (blocks >= 0) & (blocks <= ((query_rows.long()[t].view(-1, 1, 1) - start) // block_size))
+    batch_head = (tokens // num_queries).view(-1, 1, 1) * hkv + torch.arange(hkv, device=device).view(1, -1, 1)
     num_block_keys = batch * hkv * num_keys
-    keys = batch_head * num_keys + sequence_starts.long().view(1, -1, 1, 1) + blocks * block_size
-    keys = torch.where(valid, keys, num_block_keys).flatten()
-    sorted_keys, sorted_entries = torch.sort(keys, stable=True)
+    keys = torch.where(valid, batch_head * num_keys + start + blocks * block_size, num_block_keys).flatten()
+    _, sorted_entries = torch.sort(keys, stable=True)
     counts = torch.zeros(num_block_keys + 1, dtype=torch.long, device=device)
     counts.index_add_(0, keys, torch.ones_like(keys))
     counts = counts[:-1]
@@ -153,6 +157,9 @@ def _launch_config(q, k, v, indices, block_size):
 FSA_FWD = dict(block_m=64, steps=16, num_warps=4, num_stages=1)
 FSA_BWD = dict(block_m=128, steps=16, num_warps=8, num_stages=2)
 NSA_LAUNCH = dict(num_warps=4, num_stages=2)
+# The FSA forward keeps one partial output per (token, selected block), topk times the output; it runs over
+# chunks of tokens whose partials fit in this many bytes.
+FSA_PARTIAL_BYTES = 2 << 30
 # Smaller settings tried in order when the tuned ones need more shared memory than the GPU has (float32
 # inputs, head dims above 128).
 FSA_FALLBACKS = (dict(block_m=64, steps=16, num_warps=4, num_stages=1), dict(block_m=16, steps=32, num_warps=4, num_stages=1))
@@ -169,13 +176,15 @@ def _launch_fitting(launch, settings_chain):
     return launch(settings_chain[-1])
 
 
-def _fsa_work(k, indices, block_size, cu_seqlens, query_rows, sequence_starts, group, settings):
-    """Inverted indices and the kernel meta-parameters for one FSA launch."""
+def _fsa_work(k, indices, first_token, num_queries, cu_seqlens, query_rows, sequence_starts, block_size, group,
+              settings):
+    """Inverted indices (of the flattened tokens from ``first_token``) and the meta-parameters of one launch."""
     gp = triton.next_power_of_2(group)
     block_m = max(settings["block_m"], gp)
     num_sequences = 1 if cu_seqlens is None else cu_seqlens.shape[0] - 1
     items = _invert_indices(
-        indices, query_rows, sequence_starts, block_size, k.shape[1], num_sequences, block_m // gp * settings["steps"]
+        indices, first_token, num_queries, query_rows, sequence_starts, block_size, k.shape[1], k.shape[0],
+        num_sequences, block_m // gp * settings["steps"],
     )
     names = ("sorted_entries", "item_keys", "item_starts", "item_lengths")
     launch = dict(GP=gp, BLOCK_M=block_m, num_warps=settings["num_warps"], num_stages=settings["num_stages"])
@@ -201,25 +210,47 @@ def _selected_attention_fwd(q, k, v, indices, block_size, scale, cu_seqlens, imp
             (NSA_LAUNCH, *NSA_FALLBACKS),
         )
         return o, lse
+    # One partial output per (token, selected block): process tokens in chunks so that they stay in budget.
+    topk = indices.shape[-1]
+    bytes_per_token = hkv * topk * group * (v.shape[-1] * q.element_size() + 4)
+    chunk = max(1, FSA_PARTIAL_BYTES // bytes_per_token)
+    flat_indices = indices.view(batch * num_queries, hkv, topk)
+    for first_token in range(0, batch * num_queries, chunk):
+        num_tokens = min(chunk, batch * num_queries - first_token)
+        _selected_attention_fsa_fwd_chunk(
+            q, k, v, flat_indices[first_token : first_token + num_tokens], first_token, o, lse, scale, config,
+            cu_seqlens, query_rows, sequence_starts, block_size,
+        )
+    return o, lse
+
+
+def _selected_attention_fsa_fwd_chunk(
+    q, k, v, indices, first_token, o, lse, scale, config, cu_seqlens, query_rows, sequence_starts, block_size
+):
+    """FSA forward of the flattened tokens ``first_token .. first_token + len(indices)``, written into o, lse."""
+    num_queries, hkv = q.shape[1], k.shape[2]
+    group = q.shape[2] // hkv
+    num_tokens, _, topk = indices.shape
     o_partial = q.new_empty(indices.numel(), group, v.shape[-1])
     lse_partial = torch.full((indices.numel(), group), float("-inf"), dtype=torch.float32, device=q.device)
 
     def launch(settings):
-        work, work_config = _fsa_work(k, indices, block_size, cu_seqlens, query_rows, sequence_starts, group, settings)
+        work, work_config = _fsa_work(
+            k, indices, first_token, num_queries, cu_seqlens, query_rows, sequence_starts, block_size, group, settings
+        )
         _selected_attention_fsa_fwd_kernel[(work["item_keys"].shape[0],)](
             q=q, k=k, v=v, **work, query_rows=query_rows, o_partial=o_partial, lse_partial=lse_partial,
-            scale=scale, Tq=num_queries, Tk=k.shape[1], **config, **work_config,
+            scale=scale, first_token=first_token, Tq=num_queries, Tk=k.shape[1], **config, **work_config,
         )
         return work_config
 
     work_config = _launch_fitting(launch, (FSA_FWD, *FSA_FALLBACKS))
     block_r = max(16, work_config["GP"])
-    num_tokens = batch * num_queries
     _selected_attention_fsa_merge_kernel[(triton.cdiv(num_tokens, block_r // work_config["GP"]), hkv)](
-        o_partial=o_partial, lse_partial=lse_partial, o=o, lse=lse, num_tokens=num_tokens, HKV=hkv, G=group,
-        GP=work_config["GP"], TOPK=indices.shape[-1], DV=v.shape[-1], BLOCK_R=block_r, BLOCK_DV=config["BLOCK_DV"],
+        o_partial=o_partial, lse_partial=lse_partial, o=o, lse=lse, first_token=first_token, num_tokens=num_tokens,
+        HKV=hkv, G=group, GP=work_config["GP"], TOPK=topk, DV=v.shape[-1], BLOCK_R=block_r,
+        BLOCK_DV=config["BLOCK_DV"],
     )
-    return o, lse
 
 
 def _selected_attention_bwd(do, dlse, q, k, v, o, lse, indices, block_size, scale, cu_seqlens, impl):
@@ -248,10 +279,13 @@ def _selected_attention_bwd(do, dlse, q, k, v, o, lse, indices, block_size, scal
     dq = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
 
     def launch(settings):
-        work, work_config = _fsa_work(k, indices, block_size, cu_seqlens, query_rows, sequence_starts, hq // hkv, settings)
+        work, work_config = _fsa_work(
+            k, indices.view(batch * num_queries, hkv, -1), 0, num_queries, cu_seqlens, query_rows, sequence_starts,
+            block_size, hq // hkv, settings,
+        )
         _selected_attention_fsa_bwd_kernel[(work["item_keys"].shape[0],)](
             q=q, k=k, v=v, do=do, lse=lse.contiguous(), delta=delta, **work, query_rows=query_rows, dq=dq, dk=dk,
-            dv=dv, scale=scale, Tq=num_queries, Tk=k.shape[1], **config, **work_config,
+            dv=dv, scale=scale, first_token=0, Tq=num_queries, Tk=k.shape[1], **config, **work_config,
         )
 
     _launch_fitting(launch, (FSA_BWD, *FSA_FALLBACKS))

@@ -14,7 +14,8 @@ Backward: ``_selected_attention_fsa_bwd_kernel`` recomputes p per step, adds dq 
 work item's dk/dv in registers until one atomic add at the end.
 
 Work-item arrays (int32 [num_items]): ``item_keys``, ``item_starts`` (offset into ``sorted_entries``),
-``item_lengths`` (0 for unused items). Entry e = ((b * Tq + t) * HKV + h) * TOPK + slot.
+``item_lengths`` (0 for unused items). Entry e = ((b * Tq + t - first_token) * HKV + h) * TOPK + slot: the
+forward runs over chunks of flattened tokens to bound the partial buffers; the backward passes first_token=0.
 """
 
 import triton
@@ -41,7 +42,7 @@ def _work_item(item_keys, item_starts, item_lengths, Tk, HKV: tl.constexpr, BLOC
 
 @triton.jit
 def _step_rows(
-    sorted_entries, query_rows, step_start, step_end, h, key_row, key_mask, Tq,
+    sorted_entries, query_rows, step_start, step_end, h, key_row, key_mask, first_token, Tq,
     HQ: tl.constexpr, HKV: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, TOPK: tl.constexpr,
     BLOCK_M: tl.constexpr,
 ):
@@ -51,7 +52,7 @@ def _step_rows(
     g = offs_m % GP
     row_mask = (position < step_end) & (g < G)
     entry = tl.load(sorted_entries + position, mask=row_mask, other=0).to(tl.int64)
-    token = entry // (HKV * TOPK)  # b * Tq + t
+    token = first_token + entry // (HKV * TOPK)  # b * Tq + t
     query_row = tl.load(query_rows + token % Tq, mask=row_mask, other=0).to(tl.int64)
     head_row = token * HQ + h * G + g
     mask = row_mask[:, None] & key_mask[None, :] & (key_row[None, :] <= query_row[:, None])
@@ -61,7 +62,7 @@ def _step_rows(
 @triton.jit
 def _selected_attention_fsa_fwd_kernel(
     q, k, v, item_keys, item_starts, item_lengths, sorted_entries, query_rows, o_partial, lse_partial, scale,
-    Tq, Tk,
+    first_token, Tq, Tk,
     HQ: tl.constexpr, HKV: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, TOPK: tl.constexpr, BS: tl.constexpr,
     D: tl.constexpr, DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_DV: tl.constexpr, INPUT_PRECISION: tl.constexpr,
@@ -76,7 +77,7 @@ def _selected_attention_fsa_fwd_kernel(
     qk_scale = scale * 1.4426950408889634
     for step_start in range(start, start + length, BLOCK_M // GP):
         entry, g, head_row, row_mask, mask = _step_rows(
-            sorted_entries, query_rows, step_start, start + length, h, key_row, key_mask, Tq,
+            sorted_entries, query_rows, step_start, start + length, h, key_row, key_mask, first_token, Tq,
             HQ, HKV, G, GP, TOPK, BLOCK_M,
         )
         qv = tl.load(q + head_row[:, None] * D + offs_d[None, :], mask=row_mask[:, None] & (offs_d[None, :] < D), other=0.0)
@@ -96,11 +97,13 @@ def _selected_attention_fsa_fwd_kernel(
 
 @triton.jit
 def _selected_attention_fsa_merge_kernel(
-    o_partial, lse_partial, o, lse, num_tokens,
+    o_partial, lse_partial, o, lse, first_token, num_tokens,
     HKV: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, TOPK: tl.constexpr, DV: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):
-    """Merge the TOPK partials of BLOCK_R // GP tokens of one KV head: o [B*Tq, HQ, DV], lse [B*Tq, HQ]."""
+    """Merge the TOPK partials of BLOCK_R // GP tokens of one KV head into o [B*Tq, HQ, DV], lse [B*Tq, HQ].
+
+    Partials are numbered from the chunk's first token; o and lse rows are global."""
     h = tl.program_id(1)
     offs_r = tl.arange(0, BLOCK_R)
     offs_dv = tl.arange(0, BLOCK_DV)
@@ -129,7 +132,7 @@ def _selected_attention_fsa_merge_kernel(
     seen = l > 0
     out = acc / tl.where(seen, l, 1.0)[:, None]
     row_lse = tl.where(seen, m + tl.log(tl.where(seen, l, 1.0)), float("-inf"))
-    head_row = token * (HKV * G) + h * G + g
+    head_row = (first_token + token) * (HKV * G) + h * G + g
     tl.store(o + head_row[:, None] * DV + offs_dv[None, :], out.to(o.dtype.element_ty),
              mask=row_mask[:, None] & (offs_dv[None, :] < DV))
     tl.store(lse + head_row, row_lse, mask=row_mask)
@@ -139,7 +142,7 @@ def _selected_attention_fsa_merge_kernel(
 def _selected_attention_fsa_bwd_kernel(
     q, k, v, do, lse, delta, item_keys, item_starts, item_lengths, sorted_entries, query_rows,
     dq, dk, dv, scale,
-    Tq, Tk,
+    first_token, Tq, Tk,
     HQ: tl.constexpr, HKV: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, TOPK: tl.constexpr, BS: tl.constexpr,
     D: tl.constexpr, DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_DV: tl.constexpr, INPUT_PRECISION: tl.constexpr,
@@ -156,7 +159,7 @@ def _selected_attention_fsa_bwd_kernel(
     dv_acc = tl.zeros([BLOCK_S, BLOCK_DV], tl.float32)
     for step_start in range(start, start + length, BLOCK_M // GP):
         entry, g, head_row, row_mask, mask = _step_rows(
-            sorted_entries, query_rows, step_start, start + length, h, key_row, key_mask, Tq,
+            sorted_entries, query_rows, step_start, start + length, h, key_row, key_mask, first_token, Tq,
             HQ, HKV, G, GP, TOPK, BLOCK_M,
         )
         qv = tl.load(q + head_row[:, None] * D + offs_d[None, :], mask=row_mask[:, None] & (offs_d[None, :] < D), other=0.0)

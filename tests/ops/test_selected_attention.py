@@ -1,3 +1,5 @@
+import sys
+
 import pytest
 import torch
 
@@ -104,3 +106,15 @@ def test_opcheck(varlen, impl):
             (torch.randn_like(o), dlse, q.detach(), k.detach(), v.detach(), o.detach(), lse.detach(), indices, 4,
              None, cu, impl),
         )
+
+
+@pytest.mark.parametrize("budget", [1, 3000], ids=["one-token-chunks", "chunks-across-batch-rows"])
+def test_fsa_forward_in_token_chunks(monkeypatch, budget):
+    """A small partial-buffer budget splits the FSA forward into chunks, also across batch rows."""
+    # sys.modules: the package attribute ``fsa_compile.ops.selected_attention`` is the op, not the module.
+    monkeypatch.setattr(sys.modules["fsa_compile.ops.selected_attention"], "FSA_PARTIAL_BYTES", budget)
+    q, k, v = make_qkv(2, 23, 30, 4, 2, 16)
+    indices = make_indices(2, 23, 30, 2, 8, 3)
+    with selected_attention_path("fsa") as impl:
+        out = torch.ops.fsa.selected_attention(q, k, v, indices, 8, None, None, impl)
+    check_attention(out, lambda q, k, v: reference.selected_attention(q, k, v, indices, 8), (q, k, v), torch.float32)
