@@ -30,10 +30,11 @@ def _nan_poisoned_empty(monkeypatch):
     """Library allocations made with torch.empty* start as NaN (or -77 for integers): unwritten output fails."""
 
     def poison(tensor):
-        if tensor.is_floating_point():
-            tensor.fill_(float("nan"))
-        elif tensor.dtype in (torch.int32, torch.int64):
-            tensor.fill_(-77)
+        with torch.no_grad():  # callers may ask for requires_grad=True
+            if tensor.is_floating_point():
+                tensor.fill_(float("nan"))
+            elif tensor.dtype in (torch.int32, torch.int64):
+                tensor.fill_(-77)
         return tensor
 
     empty, empty_like, new_empty = torch.empty, torch.empty_like, torch.Tensor.new_empty
