@@ -67,7 +67,9 @@ def compress(x, weight, pos_emb, kernel_size: int, kernel_stride: int, cu_seqlen
     tokens = (first[:, None] + torch.arange(kernel_size, device=x.device)).clamp(max=max(num_tokens - 1, 0))
     windows = x[:, tokens] + pos_emb.transpose(0, 1)  # [B, Tc, ks, H, D]
     windows = windows.permute(0, 1, 3, 2, 4).reshape(batch, tokens.shape[0], heads, kernel_size * dim)
-    out = torch.einsum("bchk,hkd->bchd", windows, weight)
+    # A broadcast matmul rather than einsum: einsum's internal reshapes add shape guards that break
+    # torch.export with a dynamic T.
+    out = torch.matmul(windows.transpose(1, 2), weight).transpose(1, 2).contiguous()  # [B, Tc, H, Dout]
     if cu_seqlens is not None:
         out = out * valid.view(1, -1, 1, 1).to(out.dtype)
     return out

@@ -13,19 +13,25 @@ FSA_OPS = [
 ]
 
 
-def test_export_keeps_fsa_ops():
+def export_with_dynamic_length(layer, x):
+    length = torch.export.Dim("T", min=16, max=4096)
+    return torch.export.export(layer, (x,), dynamic_shapes={"x": {1: length}})
+
+
+def test_export_keeps_fsa_ops_with_a_dynamic_length():
     layer = make_small_layer()
-    x = torch.randn(2, 45, 64, device=DEVICE)
-    program = torch.export.export(layer, (x,))
+    program = export_with_dynamic_length(layer, torch.randn(2, 45, 64, device=DEVICE))
     targets = sorted({str(node.target) for node in program.graph.nodes if str(node.target).startswith("fsa.")})
     assert targets == FSA_OPS
-    torch.testing.assert_close(program.module()(x), layer(x))
+    for num_tokens in (45, 77):
+        x = torch.randn(2, num_tokens, 64, device=DEVICE)
+        torch.testing.assert_close(program.module()(x), layer(x))
 
 
 def test_aoti_package_runs_in_a_fresh_process(tmp_path):
-    layer = make_small_layer()
-    x = torch.randn(1, 45, 64, device=DEVICE)
-    program = torch.export.export(layer, (x,))
+    layer = make_small_layer().eval()
+    program = export_with_dynamic_length(layer, torch.randn(1, 45, 64, device=DEVICE))
+    x = torch.randn(1, 77, 64, device=DEVICE)  # another length than the one exported with
     package = torch._inductor.aoti_compile_and_package(program, package_path=str(tmp_path / "layer.pt2"))
     torch.save({"x": x, "y": layer(x).detach()}, tmp_path / "io.pt")
     script = (
