@@ -47,3 +47,38 @@ def test_dynamic_shapes_do_not_recompile():
         torch.testing.assert_close(out, layer(x), rtol=1e-4, atol=1e-5)
         frames = counter.frame_count if frames is None else frames
         assert counter.frame_count == frames, f"recompiled for T={num_tokens}"
+
+
+class _Decoder(torch.nn.Module):
+    """Two pre-norm blocks of FlashSparseAttention + MLP, as a model would use the layer."""
+
+    def __init__(self):
+        super().__init__()
+        self.attention = torch.nn.ModuleList([make_small_layer(), make_small_layer()])
+        self.mlp = torch.nn.ModuleList([torch.nn.Sequential(torch.nn.Linear(64, 128), torch.nn.GELU(),
+                                                            torch.nn.Linear(128, 64)) for _ in range(2)])
+        self.norm = torch.nn.ModuleList([torch.nn.RMSNorm(64) for _ in range(4)])
+
+    def forward(self, x, cu_seqlens=None):
+        for i, (attention, mlp) in enumerate(zip(self.attention, self.mlp)):
+            x = x + attention(self.norm[2 * i](x), cu_seqlens)
+            x = x + mlp(self.norm[2 * i + 1](x))
+        return x
+
+
+def test_decoder_compiles_without_breaks_or_recompiles():
+    decoder = _Decoder().to(DEVICE)
+    assert torch._dynamo.explain(decoder)(torch.randn(1, 40, 64, device=DEVICE)).graph_break_count == 0
+    counter = CompileCounterWithBackend("inductor")
+    compiled = torch.compile(decoder, backend=counter, fullgraph=True, dynamic=True)
+    frames = None
+    for lengths in ((40,), (13, 50), (70,)):
+        cu = make_cu_seqlens(lengths) if len(lengths) > 1 else None
+        x = torch.randn(1, sum(lengths), 64, device=DEVICE, requires_grad=True)
+        out = compiled(x, cu)
+        torch.testing.assert_close(out, decoder(x, cu), rtol=1e-4, atol=1e-4)
+        out.square().mean().backward()
+        assert all(torch.isfinite(p.grad).all() for p in decoder.parameters())
+        frames = counter.frame_count if frames is None else frames
+    # One recompile is allowed for the switch between batched (cu_seqlens=None) and packed inputs.
+    assert counter.frame_count <= frames + 1
