@@ -7,7 +7,8 @@ import fsa_compile
 from fsa_compile import reference
 from fsa_compile.ops.selected_attention import choose_kernel
 from tests._testing import (
-    DEVICE, SELECTED_PATHS, case_params, check_attention, make_indices, make_qkv, selected_attention_path,
+    DEVICE, RATIO, SELECTED_PATHS, assert_close, case_params, check_attention, make_indices, make_qkv,
+    selected_attention_path,
 )
 
 BLOCKS = [(16, 3), (32, 2), (64, 4)]  # (block_size, topk); the last asks for more blocks than T=63..161 has
@@ -118,3 +119,38 @@ def test_fsa_forward_in_token_chunks(monkeypatch, budget):
     with selected_attention_path("fsa") as impl:
         out = torch.ops.fsa.selected_attention(q, k, v, indices, 8, None, None, impl)
     check_attention(out, lambda q, k, v: reference.selected_attention(q, k, v, indices, 8), (q, k, v), torch.float32)
+
+
+def realistic_indices(batch, num_queries, hkv, block_size, topk):
+    """Block 0 and the two blocks ending at each query's own block, then random causal blocks (vectorised)."""
+    num_blocks = -(-num_queries // block_size)
+    blocks = torch.arange(num_blocks, device=DEVICE)
+    last = (torch.arange(num_queries, device=DEVICE) // block_size).view(-1, 1, 1)
+    score = torch.rand(batch, num_queries, hkv, num_blocks, device=DEVICE)
+    score = torch.where((blocks == 0) | (blocks == last) | (blocks == last - 1), 2.0, score)
+    value, chosen = score.masked_fill(blocks > last, -1.0).topk(min(topk, num_blocks), dim=-1)
+    chosen = torch.where(value < 0, num_blocks, chosen).sort(-1).values
+    return torch.where(chosen == num_blocks, -1, chosen).to(torch.int32)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("num_queries,group", [(4096, 1), (4096, 4), (16384, 1), (16384, 4)], ids=lambda x: str(x))
+def test_realistic_sizes_bf16(num_queries, group, impl):
+    """T = 4K..16K, bf16, D = 128, block 64, top-16. The oracle sees the last 384 queries only: the loss is put on
+    those rows, so every gradient (dk, dv included) must match the reference run on that suffix."""
+    hkv, tail = 2, 384
+    q, k, v = make_qkv(1, num_queries, num_queries, hkv * group, hkv, 128, dtype=torch.bfloat16)
+    indices = realistic_indices(1, num_queries, hkv, 64, 16)
+    o, lse = torch.ops.fsa.selected_attention(q, k, v, indices, 64, None, None, impl)
+    do = torch.zeros_like(o)
+    do[:, -tail:] = torch.randn_like(o[:, -tail:])
+    dq, dk, dv = torch.autograd.grad(o, (q, k, v), do)
+    rq, rk, rv = (x.detach().double().requires_grad_() for x in (q, k, v))
+    ref_o, ref_lse = reference.selected_attention(rq[:, -tail:], rk, rv, indices[:, -tail:], 64)
+    ref_dq, ref_dk, ref_dv = torch.autograd.grad(ref_o, (rq, rk, rv), do[:, -tail:].double())
+    ratio = RATIO[torch.bfloat16]
+    assert_close("o", ref_o, o[:, -tail:], ratio)
+    assert_close("lse", ref_lse, lse[:, -tail:], ratio)
+    assert_close("dq", ref_dq, dq, ratio)
+    assert_close("dk", ref_dk, dk, ratio)
+    assert_close("dv", ref_dv, dv, ratio)
