@@ -69,6 +69,29 @@ def providers(config: SelectedConfig, device):
     return out
 
 
+def verify(device) -> None:
+    """Before timing anything: both kernels against the float64 oracle (forward and gradients), bf16, T=1000."""
+    from fsa_compile import reference
+
+    for group in (1, 4):
+        config = SelectedConfig(seqlen=1000, group=group, num_kv_heads=2)
+        q, k, v = (torch.randn(1, 1000, h, 128, device=device, dtype=torch.bfloat16, requires_grad=True)
+                   for h in (config.num_heads, 2, 2))
+        indices = make_indices(config, device)
+        ref_inputs = [x.detach().double().requires_grad_() for x in (q, k, v)]
+        ref_o, _ = reference.selected_attention(*ref_inputs, indices, config.block_size)
+        do = torch.randn_like(ref_o)
+        want = [ref_o, *torch.autograd.grad(ref_o, ref_inputs, do)]
+        for impl in ("fsa", "nsa"):
+            o, _ = torch.ops.fsa.selected_attention(q, k, v, indices, config.block_size, None, None, impl)
+            got = [o, *torch.autograd.grad(o, (q, k, v), do.to(o.dtype))]
+            for name, g, w in zip(("o", "dq", "dk", "dv"), got, want):
+                error = (g.double() - w).pow(2).mean().sqrt() / w.pow(2).mean().sqrt()
+                if not error < 3e-2:
+                    raise SystemExit(f"{impl} G={group} {name}: relative RMS error {error:.2e} vs the reference")
+    print("verified fsa and nsa against the reference (bf16, T=1000, G=1 and 4)")
+
+
 def measure(fn, inputs, mode: str) -> tuple[float, float]:
     if mode == "fwd":
         def run():
@@ -94,8 +117,11 @@ def main() -> None:
     parser.add_argument("--modes", nargs="+", default=["fwd", "bwd", "full"])
     parser.add_argument("--providers", nargs="+", default=["fsa", "nsa", "auto", "sdpa_flash", "sdpa_cudnn"])
     parser.add_argument("--out", type=Path, default=Path("bench_out"))
+    parser.add_argument("--skip-verify", action="store_true", help="time without checking the kernels first")
     args = parser.parse_args()
     device = torch.device("cuda")
+    if not args.skip_verify:
+        verify(device)
     rows = []
     configs = [SelectedConfig(seqlen=t, group=g) for t in args.seqlens for g in args.groups]
     for config in tqdm(configs, desc="configs"):
