@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from ._torch_attention import lse_dtype
+
 NAMESPACE = "fsa"
 
 
@@ -18,8 +20,7 @@ def resolve_scale(scale: float | None, head_dim: int) -> float:
 def attention_outputs_like(q: torch.Tensor, value_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Empty (o [B, Tq, Hq, Dv], lse [B, Tq, Hq]) with the dtypes and strides every kernel returns."""
     batch, num_queries, hq, _ = q.shape
-    lse_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
-    return q.new_empty(batch, num_queries, hq, value_dim), q.new_empty(batch, num_queries, hq, dtype=lse_dtype)
+    return q.new_empty(batch, num_queries, hq, value_dim), q.new_empty(batch, num_queries, hq, dtype=lse_dtype(q.dtype))
 
 
 def attention_grads_like(q, k, v) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -31,7 +31,7 @@ def _check_inputs(
 ) -> None:
     check.check_qkv(q, k_cmp, k_cmp, "k_cmp", "k_cmp")
     check.check_tensor("lse", lse, 3, "[B, Tq, Hq]")
-    expected_lse = torch.float64 if q.dtype == torch.float64 else torch.float32
+    expected_lse = torch_attention.lse_dtype(q.dtype)
     if lse.dtype != expected_lse:
         raise TypeError(f"lse must be {expected_lse} (as compressed_attention returns it), got {lse.dtype}")
     check.check_device("lse", lse, q)
