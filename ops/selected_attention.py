@@ -166,14 +166,26 @@ FSA_FALLBACKS = (dict(block_m=64, steps=16, num_warps=4, num_stages=1), dict(blo
 NSA_FALLBACKS = (dict(num_warps=4, num_stages=1),)
 
 
-def _launch_fitting(launch, settings_chain):
+# (kernel, launch config) -> index of the first settings that fit, so a misfit is paid once, not per call/chunk.
+_FITTING_SETTINGS: dict[tuple, int] = {}
+
+
+def _launch_fitting(launch, settings_chain, key):
     """Call ``launch(settings)`` with the first settings whose kernel fits the GPU's shared memory."""
-    for settings in settings_chain[:-1]:
+    first = _FITTING_SETTINGS.get(key, 0)
+    for index in range(first, len(settings_chain) - 1):
         try:
-            return launch(settings)
+            result = launch(settings_chain[index])
         except triton.runtime.errors.OutOfResources:
             continue
+        _FITTING_SETTINGS[key] = index
+        return result
+    _FITTING_SETTINGS[key] = len(settings_chain) - 1
     return launch(settings_chain[-1])
+
+
+def _fitting_key(kernel_name, q, config):
+    return (kernel_name, q.dtype, q.device.index, *sorted(config.items()))
 
 
 def _fsa_work(k, indices, first_token, num_queries, cu_seqlens, query_rows, sequence_starts, block_size, group,
@@ -208,6 +220,7 @@ def _selected_attention_fwd(q, k, v, indices, block_size, scale, cu_seqlens, imp
                 **settings,
             ),
             (NSA_LAUNCH, *NSA_FALLBACKS),
+            _fitting_key("nsa_fwd", q, config),
         )
         return o, lse
     # One partial output per (token, selected block): process tokens in chunks so that they stay in budget.
@@ -244,7 +257,7 @@ def _selected_attention_fsa_fwd_chunk(
         )
         return work_config
 
-    work_config = _launch_fitting(launch, (FSA_FWD, *FSA_FALLBACKS))
+    work_config = _launch_fitting(launch, (FSA_FWD, *FSA_FALLBACKS), _fitting_key("fsa_fwd", q, config))
     block_r = max(16, work_config["GP"])
     _selected_attention_fsa_merge_kernel[(triton.cdiv(num_tokens, block_r // work_config["GP"]), hkv)](
         o_partial=o_partial, lse_partial=lse_partial, o=o, lse=lse, first_token=first_token, num_tokens=num_tokens,
@@ -274,6 +287,7 @@ def _selected_attention_bwd(do, dlse, q, k, v, o, lse, indices, block_size, scal
                 BLOCK_G=next_power_of_2(hq // hkv), **config, **settings,
             ),
             (NSA_LAUNCH, *NSA_FALLBACKS),
+            _fitting_key("nsa_bwd", q, config),
         )
         return dq, dk.to(k.dtype), dv.to(v.dtype)
     dq = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
@@ -288,7 +302,7 @@ def _selected_attention_bwd(do, dlse, q, k, v, o, lse, indices, block_size, scal
             dv=dv, scale=scale, first_token=0, Tq=num_queries, Tk=k.shape[1], **config, **work_config,
         )
 
-    _launch_fitting(launch, (FSA_BWD, *FSA_FALLBACKS))
+    _launch_fitting(launch, (FSA_BWD, *FSA_FALLBACKS), _fitting_key("fsa_bwd", q, config))
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
 
 

@@ -154,3 +154,22 @@ def test_realistic_sizes_bf16(num_queries, group, impl):
     assert_close("dq", ref_dq, dq, ratio)
     assert_close("dk", ref_dk, dk, ratio)
     assert_close("dv", ref_dv, dv, ratio)
+
+
+def test_launch_falls_back_once_when_settings_do_not_fit():
+    import triton
+
+    module = sys.modules["fsa_compile.ops.selected_attention"]
+    tried = []
+
+    def launch(settings):
+        tried.append(settings["name"])
+        if settings["name"] == "big":
+            raise triton.runtime.errors.OutOfResources(300_000, 232_448, "shared memory")
+        return settings["name"]
+
+    chain = ({"name": "big"}, {"name": "medium"}, {"name": "small"})
+    key = ("test-kernel", object())
+    assert module._launch_fitting(launch, chain, key) == "medium"
+    assert module._launch_fitting(launch, chain, key) == "medium"
+    assert tried == ["big", "medium", "medium"]  # the misfit is not retried
