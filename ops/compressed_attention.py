@@ -8,6 +8,9 @@ with ``Tc = max(0, (Tk - kernel_size) // kernel_stride + 1)``; ``Tk = seqlen_k``
 ``cu_seqlens`` the compressed sequences are packed one after another in that many rows (the bound of the
 packed total for ``kernel_stride <= kernel_size``), as ``fsa_compile.compress`` returns them; the op derives
 the offsets from ``cu_seqlens``. Differentiable in q, k_cmp, v_cmp.
+
+Kernels: Triton masked flash attention (``_kernels/masked_attention.py``) on CUDA and on CPU tensors under
+``TRITON_INTERPRET=1`` with the CPU kernel disabled; vectorised PyTorch on CPU and for float64.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from torch import Tensor
 
 from . import _torch_attention as torch_attention
 from . import _validation as check
+from ._masked_attention import compressed_spans, masked_attention_backward, masked_attention_forward
 from ._library import attention_grads_like, attention_outputs_like, op_name, register_attention_autograd, resolve_scale
 
 
@@ -76,10 +80,28 @@ def compressed_attention(
     scale: float | None = None, cu_seqlens: Tensor | None = None, seqlen_k: int | None = None,
 ) -> tuple[Tensor, Tensor]:
     _check_inputs(q, k_cmp, v_cmp, kernel_size, kernel_stride, scale, cu_seqlens, seqlen_k)
+    if q.dtype == torch.float64:
+        return _forward_torch(q, k_cmp, v_cmp, kernel_size, kernel_stride, scale, cu_seqlens, seqlen_k)
+    spans = _spans(q, kernel_size, kernel_stride, cu_seqlens, seqlen_k)
+    return masked_attention_forward(q, k_cmp, v_cmp, *spans, resolve_scale(scale, q.shape[-1]))
+
+
+def _spans(q, kernel_size, kernel_stride, cu_seqlens, seqlen_k):
+    seqlen_k = q.shape[1] if seqlen_k is None else seqlen_k
+    return compressed_spans(q.shape[1], seqlen_k, kernel_size, kernel_stride, cu_seqlens, q.device)
+
+
+def _forward_torch(q, k_cmp, v_cmp, kernel_size, kernel_stride, scale, cu_seqlens, seqlen_k):
     segments, select_keys, chunk = _plan(q, kernel_size, kernel_stride, cu_seqlens, seqlen_k)
     return torch_attention.attention_forward(
         q, k_cmp, v_cmp, resolve_scale(scale, q.shape[-1]), segments, select_keys, chunk
     )
+
+
+@compressed_attention.register_kernel("cpu")
+def _(q, k_cmp, v_cmp, kernel_size, kernel_stride, scale=None, cu_seqlens=None, seqlen_k=None):
+    _check_inputs(q, k_cmp, v_cmp, kernel_size, kernel_stride, scale, cu_seqlens, seqlen_k)
+    return _forward_torch(q, k_cmp, v_cmp, kernel_size, kernel_stride, scale, cu_seqlens, seqlen_k)
 
 
 @compressed_attention.register_fake
@@ -94,10 +116,23 @@ def compressed_attention_backward(
     kernel_size: int, kernel_stride: int, scale: float | None = None, cu_seqlens: Tensor | None = None,
     seqlen_k: int | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
+    if q.dtype == torch.float64:
+        return _backward_torch(do, dlse, q, k_cmp, v_cmp, o, lse, kernel_size, kernel_stride, scale, cu_seqlens,
+                               seqlen_k)
+    spans = _spans(q, kernel_size, kernel_stride, cu_seqlens, seqlen_k)
+    return masked_attention_backward(do, dlse, q, k_cmp, v_cmp, o, lse, *spans, resolve_scale(scale, q.shape[-1]))
+
+
+def _backward_torch(do, dlse, q, k_cmp, v_cmp, o, lse, kernel_size, kernel_stride, scale, cu_seqlens, seqlen_k):
     segments, select_keys, chunk = _plan(q, kernel_size, kernel_stride, cu_seqlens, seqlen_k)
     return torch_attention.attention_backward(
         do, dlse, q, k_cmp, v_cmp, o, lse, resolve_scale(scale, q.shape[-1]), segments, select_keys, chunk
     )
+
+
+@compressed_attention_backward.register_kernel("cpu")
+def _(do, dlse, q, k_cmp, v_cmp, o, lse, kernel_size, kernel_stride, scale=None, cu_seqlens=None, seqlen_k=None):
+    return _backward_torch(do, dlse, q, k_cmp, v_cmp, o, lse, kernel_size, kernel_stride, scale, cu_seqlens, seqlen_k)
 
 
 @compressed_attention_backward.register_fake

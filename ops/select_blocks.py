@@ -12,15 +12,22 @@ For the query at position t and KV head h (DESIGN.md):
 
 q [B, Tq, Hq, D], k_cmp [B, Tc, Hkv, D], lse [B, Tq, Hq] (the compressed attention's) -> int32
 [B, Tq, Hkv, topk], ascending, ``-1`` slots last. Not differentiable.
+
+Kernels: a fused Triton kernel (``_kernels/select_blocks.py``) on CUDA and on CPU tensors under
+``TRITON_INTERPRET=1`` with the CPU kernel disabled: it never writes a score tensor. Vectorised PyTorch on CPU
+and for float64.
 """
 
 from __future__ import annotations
 
 import torch
+import triton
 from torch import Tensor
 
 from . import _torch_attention as torch_attention
 from . import _validation as check
+from ._kernels.common import next_power_of_2
+from ._kernels.select_blocks import _select_blocks_kernel
 from ._library import op_name, resolve_scale
 from .compressed_attention import compressed_segments, visible_compressed
 
@@ -125,7 +132,85 @@ def select_blocks(
     args = (q, k_cmp, lse, kernel_size, kernel_stride, block_size, topk, init_blocks, local_blocks, scale,
             cu_seqlens, seqlen_k)
     _check_inputs(*args)
+    if q.dtype == torch.float64:
+        return _select_blocks_torch(*args)
+    return _select_blocks_triton(*args)
+
+
+@select_blocks.register_kernel("cpu")
+def _(q, k_cmp, lse, kernel_size, kernel_stride, block_size, topk, init_blocks, local_blocks, scale=None,
+      cu_seqlens=None, seqlen_k=None):
+    args = (q, k_cmp, lse, kernel_size, kernel_stride, block_size, topk, init_blocks, local_blocks, scale,
+            cu_seqlens, seqlen_k)
+    _check_inputs(*args)
     return _select_blocks_torch(*args)
+
+
+def _tiles(q, num_cmp, kernel_size, kernel_stride, tile_tokens, cu_seqlens, seqlen_k):
+    """int32 tables of the token tiles, each inside one sequence: first flattened row, end row of its sequence,
+    position of its first token, first compressed row of its sequence. Built on the device, sized from shapes
+    (with cu_seqlens: a bound on the number of tiles; the spare tiles are empty)."""
+    batch, num_queries, device = q.shape[0], q.shape[1], q.device
+    if cu_seqlens is None:
+        per_row = triton.cdiv(num_queries, tile_tokens)
+        tile = torch.arange(batch * per_row, device=device)
+        b, start = tile // per_row, (tile % per_row) * tile_tokens
+        offset = (num_queries if seqlen_k is None else seqlen_k) - num_queries
+        tables = (b * num_queries + start, (b + 1) * num_queries, start + offset, b * num_cmp)
+    else:
+        bounds = cu_seqlens.long()
+        lengths = bounds[1:] - bounds[:-1]
+        tiles_per_sequence = (lengths + tile_tokens - 1) // tile_tokens
+        tile_ends = tiles_per_sequence.cumsum(0)
+        tile = torch.arange(triton.cdiv(num_queries, tile_tokens) + lengths.shape[0], device=device)
+        sequence = torch.searchsorted(tile_ends, tile, right=True).clamp(max=lengths.shape[0] - 1)
+        start = (tile - (tile_ends - tiles_per_sequence)[sequence]) * tile_tokens
+        end = bounds[1:][sequence]
+        first = torch.where(tile < tile_ends[-1], bounds[:-1][sequence] + start, end)
+        compressed = torch.where(lengths >= kernel_size, (lengths - kernel_size) // kernel_stride + 1, 0)
+        tables = (first, end, start, (compressed.cumsum(0) - compressed)[sequence])
+    return [t.to(torch.int32) for t in tables]
+
+
+def _window_steps(kernel_size, kernel_stride, block_size, blocks_wanted):
+    """(BLOCK_C, NBT): compressed keys loaded per step and the whole blocks their windows cover.
+
+    Blocks [J, J + n) need the windows ``ceil((J*bs - ks + 1)/stride) .. ((J + n)*bs - 1) // stride``, at most
+    ``(n*bs + ks - 2) // stride + 2`` of them. Take the smallest BLOCK_C giving half the wanted blocks.
+    """
+    block_c = 16
+    while True:
+        covered = ((block_c - 2) * kernel_stride - kernel_size + 2) // block_size
+        if covered >= max(1, blocks_wanted // 2) or block_c >= 256 and covered >= 1:
+            return block_c, min(blocks_wanted, covered)
+        block_c *= 2
+
+
+def _select_blocks_triton(
+    q, k_cmp, lse, kernel_size, kernel_stride, block_size, topk, init_blocks, local_blocks, scale, cu_seqlens,
+    seqlen_k,
+):
+    q, k_cmp, lse = q.contiguous(), k_cmp.contiguous(), lse.contiguous()
+    batch, num_queries, hq, d = q.shape
+    hkv = k_cmp.shape[2]
+    group = hq // hkv
+    group_padded = triton.next_power_of_2(group)
+    tile_tokens = max(16, 64 // group_padded)
+    topk_padded = next_power_of_2(topk)
+    block_c, blocks_per_step = _window_steps(kernel_size, kernel_stride, block_size, topk_padded)
+    tables = _tiles(q, k_cmp.shape[1], kernel_size, kernel_stride, tile_tokens, cu_seqlens, seqlen_k)
+    indices = torch.empty(batch, num_queries, hkv, topk, dtype=torch.int32, device=q.device)
+    if q.numel() == 0:
+        return indices
+    _select_blocks_kernel[(tables[0].shape[0], hkv)](
+        q, k_cmp, lse, *tables, indices, resolve_scale(scale, d),
+        HQ=hq, HKV=hkv, G=group, GP=group_padded, D=d, BLOCK_D=next_power_of_2(d), KERNEL_SIZE=kernel_size,
+        KERNEL_STRIDE=kernel_stride, BS=block_size, TOPK=topk, TOPKP=topk_padded, INIT_BLOCKS=init_blocks,
+        LOCAL_BLOCKS=local_blocks, BLOCK_T=tile_tokens, BLOCK_C=block_c, NBT=blocks_per_step,
+        INPUT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        num_warps=4, num_stages=2,
+    )
+    return indices
 
 
 @select_blocks.register_fake

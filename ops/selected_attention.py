@@ -31,6 +31,7 @@ from ._kernels.selected_fsa import (
     _selected_attention_fsa_merge_kernel,
 )
 from ._kernels.selected_nsa import _selected_attention_nsa_bwd_kernel, _selected_attention_nsa_fwd_kernel
+from ._launch import fitting_key, launch_fitting
 from ._library import attention_grads_like, attention_outputs_like, op_name, register_attention_autograd, resolve_scale
 
 # Named ``impl`` rather than ``kernel``: Inductor's FallbackKernel.create() takes a ``kernel`` argument of its
@@ -166,28 +167,6 @@ FSA_FALLBACKS = (dict(block_m=64, steps=16, num_warps=4, num_stages=1), dict(blo
 NSA_FALLBACKS = (dict(num_warps=4, num_stages=1),)
 
 
-# (kernel, launch config) -> index of the first settings that fit, so a misfit is paid once, not per call/chunk.
-_FITTING_SETTINGS: dict[tuple, int] = {}
-
-
-def _launch_fitting(launch, settings_chain, key):
-    """Call ``launch(settings)`` with the first settings whose kernel fits the GPU's shared memory."""
-    first = _FITTING_SETTINGS.get(key, 0)
-    for index in range(first, len(settings_chain) - 1):
-        try:
-            result = launch(settings_chain[index])
-        except triton.runtime.errors.OutOfResources:
-            continue
-        _FITTING_SETTINGS[key] = index
-        return result
-    _FITTING_SETTINGS[key] = len(settings_chain) - 1
-    return launch(settings_chain[-1])
-
-
-def _fitting_key(kernel_name, q, config):
-    return (kernel_name, q.dtype, q.device.index, *sorted(config.items()))
-
-
 def _fsa_work(k, indices, first_token, num_queries, cu_seqlens, query_rows, sequence_starts, block_size, group,
               settings):
     """Inverted indices (of the flattened tokens from ``first_token``) and the meta-parameters of one launch."""
@@ -213,14 +192,14 @@ def _selected_attention_fwd(q, k, v, indices, block_size, scale, cu_seqlens, imp
     query_rows, sequence_starts = _token_rows(q, k, cu_seqlens)
     o, lse = attention_outputs_like(q, v.shape[-1])
     if choose_kernel(impl, group, num_queries) == "nsa":
-        _launch_fitting(
+        launch_fitting(
             lambda settings: _selected_attention_nsa_fwd_kernel[(num_queries, batch * hkv)](
                 q=q, k=k, v=v, indices=indices, query_rows=query_rows, sequence_starts=sequence_starts, o=o,
                 lse=lse, scale=scale, Tq=num_queries, Tk=k.shape[1], BLOCK_G=next_power_of_2(group), **config,
                 **settings,
             ),
             (NSA_LAUNCH, *NSA_FALLBACKS),
-            _fitting_key("nsa_fwd", q, config),
+            fitting_key("nsa_fwd", q, config),
         )
         return o, lse
     # One partial output per (token, selected block): process tokens in chunks so that they stay in budget.
@@ -257,7 +236,7 @@ def _selected_attention_fsa_fwd_chunk(
         )
         return work_config
 
-    work_config = _launch_fitting(launch, (FSA_FWD, *FSA_FALLBACKS), _fitting_key("fsa_fwd", q, config))
+    work_config = launch_fitting(launch, (FSA_FWD, *FSA_FALLBACKS), fitting_key("fsa_fwd", q, config))
     block_r = max(16, work_config["GP"])
     _selected_attention_fsa_merge_kernel[(triton.cdiv(num_tokens, block_r // work_config["GP"]), hkv)](
         o_partial=o_partial, lse_partial=lse_partial, o=o, lse=lse, first_token=first_token, num_tokens=num_tokens,
@@ -280,14 +259,14 @@ def _selected_attention_bwd(do, dlse, q, k, v, o, lse, indices, block_size, scal
     dv = torch.zeros(v.shape, dtype=torch.float32, device=v.device)
     if choose_kernel(impl, hq // hkv, num_queries, backward=True) == "nsa":
         dq = torch.empty_like(q)
-        _launch_fitting(
+        launch_fitting(
             lambda settings: _selected_attention_nsa_bwd_kernel[(num_queries, batch * hkv)](
                 q=q, k=k, v=v, do=do, lse=lse.contiguous(), delta=delta, indices=indices, query_rows=query_rows,
                 sequence_starts=sequence_starts, dq=dq, dk=dk, dv=dv, scale=scale, Tq=num_queries, Tk=k.shape[1],
                 BLOCK_G=next_power_of_2(hq // hkv), **config, **settings,
             ),
             (NSA_LAUNCH, *NSA_FALLBACKS),
-            _fitting_key("nsa_bwd", q, config),
+            fitting_key("nsa_bwd", q, config),
         )
         return dq, dk.to(k.dtype), dv.to(v.dtype)
     dq = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
@@ -302,7 +281,7 @@ def _selected_attention_bwd(do, dlse, q, k, v, o, lse, indices, block_size, scal
             dv=dv, scale=scale, first_token=0, Tq=num_queries, Tk=k.shape[1], **config, **work_config,
         )
 
-    _launch_fitting(launch, (FSA_BWD, *FSA_FALLBACKS), _fitting_key("fsa_bwd", q, config))
+    launch_fitting(launch, (FSA_BWD, *FSA_FALLBACKS), fitting_key("fsa_bwd", q, config))
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
 
 

@@ -1,7 +1,11 @@
 """``torch.ops.fsa.sliding_window_attention``: query at position t attends keys ``t - window_size < s <= t``.
 
 q [B, Tq, Hq, D], k [B, Tk, Hkv, D], v [B, Tk, Hkv, Dv] -> o [B, Tq, Hq, Dv], lse [B, Tq, Hq] (float32).
-Differentiable in q, k, v. Kernels: vectorised PyTorch (CPU, and CUDA until the Triton kernel lands).
+Differentiable in q, k, v. With ``cu_seqlens`` the window stays inside each sequence.
+
+Kernels: Triton masked flash attention (``_kernels/masked_attention.py``) that visits only the key tiles of
+the window (cost O(T * window)), on CUDA and on CPU tensors under ``TRITON_INTERPRET=1`` with the CPU kernel
+disabled; vectorised PyTorch on CPU and for float64.
 """
 
 from __future__ import annotations
@@ -11,6 +15,7 @@ from torch import Tensor
 
 from . import _torch_attention as torch_attention
 from . import _validation as check
+from ._masked_attention import masked_attention_backward, masked_attention_forward, window_spans
 from ._library import attention_grads_like, attention_outputs_like, op_name, register_attention_autograd, resolve_scale
 
 
@@ -42,10 +47,21 @@ def sliding_window_attention(
     q: Tensor, k: Tensor, v: Tensor, window_size: int, scale: float | None = None, cu_seqlens: Tensor | None = None
 ) -> tuple[Tensor, Tensor]:
     _check_inputs(q, k, v, window_size, scale, cu_seqlens)
+    if q.dtype == torch.float64:
+        return _forward_torch(q, k, v, window_size, scale, cu_seqlens)
+    spans = window_spans(q.shape[1], k.shape[1], window_size, cu_seqlens, q.device)
+    return masked_attention_forward(q, k, v, *spans, resolve_scale(scale, q.shape[-1]))
+
+
+def _forward_torch(q, k, v, window_size, scale, cu_seqlens):
     segments, select_keys, chunk = _plan(q, k, window_size, cu_seqlens)
-    return torch_attention.attention_forward(
-        q, k, v, resolve_scale(scale, q.shape[-1]), segments, select_keys, chunk
-    )
+    return torch_attention.attention_forward(q, k, v, resolve_scale(scale, q.shape[-1]), segments, select_keys, chunk)
+
+
+@sliding_window_attention.register_kernel("cpu")
+def _(q, k, v, window_size, scale=None, cu_seqlens=None):
+    _check_inputs(q, k, v, window_size, scale, cu_seqlens)
+    return _forward_torch(q, k, v, window_size, scale, cu_seqlens)
 
 
 @sliding_window_attention.register_fake
@@ -59,10 +75,22 @@ def sliding_window_attention_backward(
     do: Tensor, dlse: Tensor | None, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor,
     window_size: int, scale: float | None = None, cu_seqlens: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
+    if q.dtype == torch.float64:
+        return _backward_torch(do, dlse, q, k, v, o, lse, window_size, scale, cu_seqlens)
+    spans = window_spans(q.shape[1], k.shape[1], window_size, cu_seqlens, q.device)
+    return masked_attention_backward(do, dlse, q, k, v, o, lse, *spans, resolve_scale(scale, q.shape[-1]))
+
+
+def _backward_torch(do, dlse, q, k, v, o, lse, window_size, scale, cu_seqlens):
     segments, select_keys, chunk = _plan(q, k, window_size, cu_seqlens)
     return torch_attention.attention_backward(
         do, dlse, q, k, v, o, lse, resolve_scale(scale, q.shape[-1]), segments, select_keys, chunk
     )
+
+
+@sliding_window_attention_backward.register_kernel("cpu")
+def _(do, dlse, q, k, v, o, lse, window_size, scale=None, cu_seqlens=None):
+    return _backward_torch(do, dlse, q, k, v, o, lse, window_size, scale, cu_seqlens)
 
 
 @sliding_window_attention_backward.register_fake

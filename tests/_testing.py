@@ -158,9 +158,29 @@ def check_attention(op_out, ref_fn, inputs, dtype):
         assert_close(name, ref_grad, grad, RATIO[dtype])
 
 
-# Kernel paths of torch.ops.fsa.selected_attention: the PyTorch CPU kernel, and the two Triton kernels (on CPU
-# tensors they run under TRITON_INTERPRET=1 with the CPU kernel switched off).
+@contextlib.contextmanager
+def cpu_kernel_disabled(*ops):
+    """Switch off the PyTorch CPU kernel of ``ops``: CPU tensors then run the Triton kernels (interpreter)."""
+    with contextlib.ExitStack() as stack:
+        for op in ops:
+            stack.enter_context(op.set_kernel_enabled("cpu", False))
+        yield
+
+
+# Kernel paths of the attention ops: "torch" is the PyTorch CPU kernel, "triton" the Triton kernels (on CPU
+# tensors under TRITON_INTERPRET=1). selected_attention has two Triton kernels, "fsa" and "nsa".
+ATTENTION_PATHS = ("torch", "triton") if DEVICE == "cpu" else ("triton",)
 SELECTED_PATHS = (("torch", "fsa", "nsa") if DEVICE == "cpu" else ("fsa", "nsa"))
+
+
+@contextlib.contextmanager
+def attention_path(path: str, forward_op, backward_op):
+    """Run ``forward_op``/``backward_op`` through ``path`` ("torch" or "triton")."""
+    if path == "torch" or DEVICE != "cpu":
+        yield
+        return
+    with cpu_kernel_disabled(forward_op, backward_op):
+        yield
 
 
 @contextlib.contextmanager
@@ -168,11 +188,8 @@ def selected_attention_path(path: str):
     """Run ``torch.ops.fsa.selected_attention`` through ``path``; yields the ``impl=`` value to pass."""
     from fsa_compile.ops.selected_attention import selected_attention, selected_attention_backward
 
-    if path == "torch" or DEVICE != "cpu":
+    with attention_path("torch" if path == "torch" else "triton", selected_attention, selected_attention_backward):
         yield "auto" if path == "torch" else path
-        return
-    with selected_attention.set_kernel_enabled("cpu", False), selected_attention_backward.set_kernel_enabled("cpu", False):
-        yield path
 
 
 def make_small_layer(**overrides):

@@ -3,7 +3,14 @@ import torch
 
 import fsa_compile
 from fsa_compile import reference
-from tests._testing import DEVICE, case_params, check_attention, make_qkv
+from fsa_compile.ops.compressed_attention import compressed_attention, compressed_attention_backward
+from tests._testing import ATTENTION_PATHS, DEVICE, attention_path, case_params, check_attention, make_qkv
+
+
+@pytest.fixture(params=ATTENTION_PATHS)
+def path(request):
+    with attention_path(request.param, compressed_attention, compressed_attention_backward):
+        yield request.param
 
 COMPRESSION = [(8, 4), (16, 16), (32, 16)]
 
@@ -18,7 +25,7 @@ def compressed_inputs(case, dtype, kernel_size, kernel_stride):
 
 @pytest.mark.parametrize("kernel_size,kernel_stride", COMPRESSION, ids=lambda x: str(x))
 @pytest.mark.parametrize("case,dtype", case_params())
-def test_matches_reference(case, dtype, kernel_size, kernel_stride):
+def test_matches_reference(case, dtype, kernel_size, kernel_stride, path):
     q, k_cmp, v_cmp, cu, seqlen_k = compressed_inputs(case, dtype, kernel_size, kernel_stride)
     out = fsa_compile.compressed_attention(q, k_cmp, v_cmp, kernel_size, kernel_stride, cu_seqlens=cu, seqlen_k=seqlen_k)
     check_attention(
@@ -29,7 +36,7 @@ def test_matches_reference(case, dtype, kernel_size, kernel_stride):
     )
 
 
-def test_queries_that_see_nothing_get_zero_and_minus_inf():
+def test_queries_that_see_nothing_get_zero_and_minus_inf(path):
     # T shorter than kernel_size: no compressed key at all.
     q, k_cmp, v_cmp = make_qkv(2, 20, 0, 4, 2, 16)
     o, lse = fsa_compile.compressed_attention(q, k_cmp, v_cmp, 32, 16)
@@ -54,7 +61,7 @@ def test_gradcheck():
 
 
 @pytest.mark.parametrize("varlen", [False, True], ids=["dense", "varlen"])
-def test_opcheck(varlen):
+def test_opcheck(varlen, path):
     q, k_cmp, v_cmp = make_qkv(1, 37, 8, 4, 2, 16)
     cu = torch.tensor([0, 20, 37], dtype=torch.int32, device=DEVICE) if varlen else None
     args = (q, k_cmp, v_cmp, 8, 4, None, cu)
@@ -67,6 +74,6 @@ def test_opcheck(varlen):
         )
 
 
-def test_opcheck_fewer_queries_than_keys():
+def test_opcheck_fewer_queries_than_keys(path):
     q, k_cmp, v_cmp = make_qkv(2, 5, 9, 4, 4, 16)
     torch.library.opcheck(torch.ops.fsa.compressed_attention, (q, k_cmp, v_cmp, 8, 4, 0.2, None, 40))

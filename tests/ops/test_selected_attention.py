@@ -159,7 +159,7 @@ def test_realistic_sizes_bf16(num_queries, group, impl):
 def test_launch_falls_back_once_when_settings_do_not_fit():
     import triton
 
-    module = sys.modules["fsa_compile.ops.selected_attention"]
+    module = sys.modules["fsa_compile.ops._launch"]
     tried = []
 
     def launch(settings):
@@ -170,6 +170,6 @@ def test_launch_falls_back_once_when_settings_do_not_fit():
 
     chain = ({"name": "big"}, {"name": "medium"}, {"name": "small"})
     key = ("test-kernel", object())
-    assert module._launch_fitting(launch, chain, key) == "medium"
-    assert module._launch_fitting(launch, chain, key) == "medium"
+    assert module.launch_fitting(launch, chain, key) == "medium"
+    assert module.launch_fitting(launch, chain, key) == "medium"
     assert tried == ["big", "medium", "medium"]  # the misfit is not retried

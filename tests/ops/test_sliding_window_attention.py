@@ -3,24 +3,31 @@ import torch
 
 import fsa_compile
 from fsa_compile import reference
-from tests._testing import DEVICE, case_params, check_attention, make_qkv
+from fsa_compile.ops.sliding_window_attention import sliding_window_attention, sliding_window_attention_backward
+from tests._testing import ATTENTION_PATHS, DEVICE, attention_path, case_params, check_attention, make_qkv
+
+
+@pytest.fixture(params=ATTENTION_PATHS)
+def path(request):
+    with attention_path(request.param, sliding_window_attention, sliding_window_attention_backward):
+        yield request.param
 
 
 @pytest.mark.parametrize("window_size", [1, 16, 45, 10_000])
 @pytest.mark.parametrize("case,dtype", case_params())
-def test_matches_reference(case, dtype, window_size):
+def test_matches_reference(case, dtype, window_size, path):
     q, k, v, cu = case.inputs(dtype)
     out = fsa_compile.sliding_window_attention(q, k, v, window_size, cu_seqlens=cu)
     check_attention(out, lambda q, k, v: reference.sliding_window_attention(q, k, v, window_size, None, cu), (q, k, v), dtype)
 
 
-def test_custom_scale_and_noncontiguous_inputs():
-    q, k, v = make_qkv(2, 40, 40, 4, 2, 32, dtype=torch.float64)
+def test_custom_scale_and_noncontiguous_inputs(path):
+    q, k, v = make_qkv(2, 40, 40, 4, 2, 32, dtype=torch.float32)
     # Non-contiguous views: heads and tokens swapped in memory.
     qt, kt, vt = (x.detach().transpose(1, 2).contiguous().transpose(1, 2).requires_grad_() for x in (q, k, v))
     assert not qt.is_contiguous()
     out = fsa_compile.sliding_window_attention(qt, kt, vt, 7, scale=0.3)
-    check_attention(out, lambda q, k, v: reference.sliding_window_attention(q, k, v, 7, 0.3), (qt, kt, vt), torch.float64)
+    check_attention(out, lambda q, k, v: reference.sliding_window_attention(q, k, v, 7, 0.3), (qt, kt, vt), torch.float32)
 
 
 def test_gradcheck():
@@ -36,7 +43,7 @@ def test_gradcheck_varlen():
 
 
 @pytest.mark.parametrize("varlen", [False, True], ids=["dense", "varlen"])
-def test_opcheck(varlen):
+def test_opcheck(varlen, path):
     q, k, v = make_qkv(1, 21, 21, 4, 2, 16)
     cu = torch.tensor([0, 8, 21], dtype=torch.int32, device=DEVICE) if varlen else None
     torch.library.opcheck(torch.ops.fsa.sliding_window_attention, (q, k, v, 5, None, cu))

@@ -1,0 +1,167 @@
+"""Flash attention over one contiguous key range per query: the kernels of compressed and window attention.
+
+Both ops see, from the query token t, a contiguous span of key rows ``key_lo[t] <= j < key_hi[t]``
+(window: the last ``window_size`` tokens; compressed: the compressed keys whose whole window is in t's past),
+and both spans only move forward with t. So one masked flash-attention family serves both; the ops differ only
+in the tables they build (``ops/_masked_attention.py``).
+
+Layout (contiguous): q [B, Tq, HQ, D], k [B, Tk, HKV, D], v [B, Tk, HKV, DV], lse/delta [B, Tq, HQ] float32.
+Tables are int32 rows within one batch row: key_lo/key_hi [Tq]; for the backward also query_lo/query_hi [Tk],
+the span of query tokens that see key j. A program works on one KV head and packs the G query heads of the
+group into its rows (row r = token ``r // GP``, head ``r % GP``), so each K/V tile it loads serves all G heads.
+
+- forward: program = (tile of BLOCK_M // GP tokens, batch * KV head); online softmax over its key span.
+- backward: ``dq`` like the forward; ``dk, dv`` one program per tile of BLOCK_N keys looping over the tokens
+  that see them. No atomics: deterministic.
+"""
+
+import triton
+import triton.language as tl
+
+from .common import finite_or_zero, masked_scores
+
+
+@triton.jit
+def _query_rows(tile, Tq, HQ: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, BLOCK_M: tl.constexpr):
+    """Tokens [BLOCK_M] of the rows of a tile, their head within the group and whether the row is real."""
+    offs_m = tl.arange(0, BLOCK_M)
+    token = tile * (BLOCK_M // GP) + offs_m // GP
+    head = offs_m % GP
+    return token, head, (token < Tq) & (head < G)
+
+
+@triton.jit
+def _masked_attention_fwd_kernel(
+    q, k, v, key_lo, key_hi, o, lse, scale, Tq, Tk,
+    HQ: tl.constexpr, HKV: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+):
+    bh = tl.program_id(1)
+    b, h = (bh // HKV).to(tl.int64), bh % HKV
+    token, head, row_valid = _query_rows(tl.program_id(0), Tq, HQ, G, GP, BLOCK_M)
+    qk_scale = scale * 1.4426950408889634
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+
+    rows = (b * Tq + token) * HQ + h * G + head
+    qv = tl.load(q + rows[:, None] * D + offs_d[None, :], mask=row_valid[:, None] & (offs_d[None, :] < D), other=0.0)
+    # A row outside the tile's tokens gets the empty span [Tk, 0): it neither widens the loop nor sees a key.
+    lo_row = tl.load(key_lo + token, mask=token < Tq, other=Tk)
+    hi_row = tl.load(key_hi + token, mask=token < Tq, other=0)
+    kv_rows = b * Tk * HKV + h
+
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
+    for start in range(tl.min(lo_row, 0), tl.max(hi_row, 0), BLOCK_N):
+        keys = start + offs_n
+        key_rows = kv_rows + keys.to(tl.int64) * HKV
+        in_range = keys < Tk
+        kt = tl.load(k + key_rows[None, :] * D + offs_d[:, None], mask=in_range[None, :] & (offs_d[:, None] < D), other=0.0)
+        visible = (keys[None, :] >= lo_row[:, None]) & (keys[None, :] < hi_row[:, None])
+        s = masked_scores(qv, kt, visible, qk_scale, INPUT_PRECISION)
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_safe = finite_or_zero(m_new)
+        alpha = tl.exp2(m_i - m_safe)
+        p = tl.exp2(s - m_safe[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        vv = tl.load(v + key_rows[:, None] * DV + offs_dv[None, :], mask=in_range[:, None] & (offs_dv[None, :] < DV), other=0.0)
+        acc = acc * alpha[:, None] + tl.dot(p.to(vv.dtype), vv, input_precision=INPUT_PRECISION)
+        m_i = m_new
+
+    seen = l_i > 0
+    out = acc / tl.where(seen, l_i, 1.0)[:, None]
+    row_lse = tl.where(seen, (m_i + tl.log2(tl.where(seen, l_i, 1.0))) * 0.6931471805599453, float("-inf"))
+    tl.store(o + rows[:, None] * DV + offs_dv[None, :], out.to(o.dtype.element_ty),
+             mask=row_valid[:, None] & (offs_dv[None, :] < DV))
+    tl.store(lse + rows, row_lse, mask=row_valid)
+
+
+@triton.jit
+def _masked_attention_bwd_dq_kernel(
+    q, k, v, do, lse, delta, key_lo, key_hi, dq, scale, Tq, Tk,
+    HQ: tl.constexpr, HKV: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+):
+    bh = tl.program_id(1)
+    b, h = (bh // HKV).to(tl.int64), bh % HKV
+    token, head, row_valid = _query_rows(tl.program_id(0), Tq, HQ, G, GP, BLOCK_M)
+    qk_scale = scale * 1.4426950408889634
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+
+    rows = (b * Tq + token) * HQ + h * G + head
+    qv = tl.load(q + rows[:, None] * D + offs_d[None, :], mask=row_valid[:, None] & (offs_d[None, :] < D), other=0.0)
+    dov = tl.load(do + rows[:, None] * DV + offs_dv[None, :], mask=row_valid[:, None] & (offs_dv[None, :] < DV), other=0.0)
+    lse2 = finite_or_zero(tl.load(lse + rows, mask=row_valid, other=0.0)) * 1.4426950408889634
+    row_delta = tl.load(delta + rows, mask=row_valid, other=0.0)
+    lo_row = tl.load(key_lo + token, mask=token < Tq, other=Tk)
+    hi_row = tl.load(key_hi + token, mask=token < Tq, other=0)
+    kv_rows = b * Tk * HKV + h
+
+    dq_acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    for start in range(tl.min(lo_row, 0), tl.max(hi_row, 0), BLOCK_N):
+        keys = start + offs_n
+        key_rows = kv_rows + keys.to(tl.int64) * HKV
+        in_range = keys < Tk
+        kt = tl.load(k + key_rows[None, :] * D + offs_d[:, None], mask=in_range[None, :] & (offs_d[:, None] < D), other=0.0)
+        vt = tl.load(v + key_rows[None, :] * DV + offs_dv[:, None], mask=in_range[None, :] & (offs_dv[:, None] < DV), other=0.0)
+        visible = row_valid[:, None] & (keys[None, :] >= lo_row[:, None]) & (keys[None, :] < hi_row[:, None])
+        p = tl.exp2(masked_scores(qv, kt, visible, qk_scale, INPUT_PRECISION) - lse2[:, None])
+        dp = tl.dot(dov, vt, input_precision=INPUT_PRECISION)
+        ds = p * (dp - row_delta[:, None])
+        dq_acc += tl.dot(ds.to(kt.dtype), tl.trans(kt), input_precision=INPUT_PRECISION)
+    tl.store(dq + rows[:, None] * D + offs_d[None, :], (dq_acc * scale).to(dq.dtype.element_ty),
+             mask=row_valid[:, None] & (offs_d[None, :] < D))
+
+
+@triton.jit
+def _masked_attention_bwd_dkdv_kernel(
+    q, k, v, do, lse, delta, key_lo, key_hi, query_lo, query_hi, dk, dv, scale, Tq, Tk,
+    HQ: tl.constexpr, HKV: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+):
+    bh = tl.program_id(1)
+    b, h = (bh // HKV).to(tl.int64), bh % HKV
+    qk_scale = scale * 1.4426950408889634
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    TOKENS: tl.constexpr = BLOCK_M // GP
+
+    keys = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    in_range = keys < Tk
+    key_rows = b * Tk * HKV + h + keys.to(tl.int64) * HKV
+    kt = tl.load(k + key_rows[None, :] * D + offs_d[:, None], mask=in_range[None, :] & (offs_d[:, None] < D), other=0.0)
+    vt = tl.load(v + key_rows[None, :] * DV + offs_dv[:, None], mask=in_range[None, :] & (offs_dv[:, None] < DV), other=0.0)
+    first = tl.min(tl.load(query_lo + keys, mask=in_range, other=Tq), 0)
+    last = tl.max(tl.load(query_hi + keys, mask=in_range, other=0), 0)
+
+    dk_acc = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    dv_acc = tl.zeros([BLOCK_N, BLOCK_DV], tl.float32)
+    for token_start in range(first, last, TOKENS):
+        token = token_start + offs_m // GP
+        head = offs_m % GP
+        row_valid = (token < Tq) & (head < G)
+        rows = (b * Tq + token) * HQ + h * G + head
+        qv = tl.load(q + rows[:, None] * D + offs_d[None, :], mask=row_valid[:, None] & (offs_d[None, :] < D), other=0.0)
+        dov = tl.load(do + rows[:, None] * DV + offs_dv[None, :], mask=row_valid[:, None] & (offs_dv[None, :] < DV), other=0.0)
+        lse2 = finite_or_zero(tl.load(lse + rows, mask=row_valid, other=0.0)) * 1.4426950408889634
+        row_delta = tl.load(delta + rows, mask=row_valid, other=0.0)
+        lo_row = tl.load(key_lo + token, mask=token < Tq, other=Tk)
+        hi_row = tl.load(key_hi + token, mask=token < Tq, other=0)
+        visible = row_valid[:, None] & (keys[None, :] >= lo_row[:, None]) & (keys[None, :] < hi_row[:, None])
+        p = tl.exp2(masked_scores(qv, kt, visible, qk_scale, INPUT_PRECISION) - lse2[:, None])  # [M, N]
+        dp = tl.dot(dov, vt, input_precision=INPUT_PRECISION)
+        ds = p * (dp - row_delta[:, None])
+        dv_acc += tl.dot(tl.trans(p).to(dov.dtype), dov, input_precision=INPUT_PRECISION)
+        dk_acc += tl.dot(tl.trans(ds).to(qv.dtype), qv, input_precision=INPUT_PRECISION)
+    tl.store(dk + key_rows[:, None] * D + offs_d[None, :], (dk_acc * scale).to(dk.dtype.element_ty),
+             mask=in_range[:, None] & (offs_d[None, :] < D))
+    tl.store(dv + key_rows[:, None] * DV + offs_dv[None, :], dv_acc.to(dv.dtype.element_ty),
+             mask=in_range[:, None] & (offs_dv[None, :] < DV))

@@ -1,0 +1,140 @@
+"""Launchers of the masked flash-attention kernels (``_kernels/masked_attention.py``) and their key-span tables.
+
+Compressed and window attention both give each query token t a contiguous span of key rows
+``[key_lo[t], key_hi[t])`` that only moves forward with t. The tables are built on the device from shapes and
+``cu_seqlens`` with a handful of torch ops: no host sync, so the ops stay capturable by CUDA graphs.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+
+from ._kernels.common import next_power_of_2
+from ._kernels.masked_attention import (
+    _masked_attention_bwd_dkdv_kernel,
+    _masked_attention_bwd_dq_kernel,
+    _masked_attention_fwd_kernel,
+)
+from ._launch import fitting_key, launch_fitting
+from ._library import attention_outputs_like
+
+# Rows per program = BLOCK_M (tokens x G heads), keys per step = BLOCK_N. Smaller settings follow for GPUs or
+# dtypes whose shared memory does not fit the first ones.
+FORWARD_SETTINGS = (
+    dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=2),
+    dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=1),
+)
+BACKWARD_SETTINGS = (
+    dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2),
+    dict(BLOCK_M=32, BLOCK_N=32, num_warps=4, num_stages=1),
+)
+
+
+def _positions(num_queries: int, num_keys: int, cu_seqlens, device):
+    """int64 [Tq] (position of each query within its sequence, index of its sequence or None)."""
+    tokens = torch.arange(num_queries, device=device)
+    if cu_seqlens is None:
+        return tokens + (num_keys - num_queries), None
+    sequence = torch.searchsorted(cu_seqlens[1:].long(), tokens, right=True)
+    return tokens - cu_seqlens.long()[sequence], sequence
+
+
+def window_spans(num_queries: int, num_keys: int, window_size: int, cu_seqlens, device):
+    """Key spans of sliding-window attention: keys ``t - window_size < s <= t`` of t's own sequence."""
+    position, sequence = _positions(num_queries, num_keys, cu_seqlens, device)
+    first_key = 0 if sequence is None else cu_seqlens.long()[sequence]
+    key_lo = first_key + (position - window_size + 1).clamp(min=0)
+    return key_lo, first_key + position + 1
+
+
+def compressed_spans(num_queries: int, seqlen_k: int, kernel_size: int, kernel_stride: int, cu_seqlens, device):
+    """Key spans of compressed attention: compressed keys i with ``i*kernel_stride + kernel_size - 1 <= t``.
+
+    With ``cu_seqlens`` the compressed sequences are packed (``fsa_compile.compress``'s layout), so a
+    sequence's first compressed row is the sum of the compressed lengths before it.
+    """
+    position, sequence = _positions(num_queries, seqlen_k, cu_seqlens, device)
+    visible = torch.where(position >= kernel_size - 1, (position - kernel_size + 1) // kernel_stride + 1, 0)
+    if sequence is None:
+        return torch.zeros_like(visible), visible
+    lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
+    num_cmp = torch.where(lengths >= kernel_size, (lengths - kernel_size) // kernel_stride + 1, 0)
+    first_row = (num_cmp.cumsum(0) - num_cmp)[sequence]
+    return first_row, first_row + visible
+
+
+def query_spans(key_lo, key_hi, num_keys: int):
+    """The inverse tables: the tokens ``[query_lo[j], query_hi[j])`` that see key row j.
+
+    Token t sees j iff ``key_lo[t] <= j < key_hi[t]``; both bounds are non-decreasing in t, so these are two
+    searchsorted calls.
+    """
+    keys = torch.arange(num_keys, device=key_lo.device)
+    return torch.searchsorted(key_hi, keys, right=True), torch.searchsorted(key_lo, keys, right=True)
+
+
+def _config(q, k, v):
+    hq, hkv = q.shape[2], k.shape[2]
+    group = hq // hkv
+    return dict(
+        HQ=hq, HKV=hkv, G=group, GP=triton.next_power_of_2(group), D=q.shape[-1], DV=v.shape[-1],
+        BLOCK_D=next_power_of_2(q.shape[-1]), BLOCK_DV=next_power_of_2(v.shape[-1]),
+        INPUT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+    )
+
+
+def _rows(settings, config):
+    """BLOCK_M holds at least one token of all GP heads."""
+    return dict(settings, BLOCK_M=max(settings["BLOCK_M"], config["GP"]))
+
+
+def masked_attention_forward(q, k, v, key_lo, key_hi, scale: float):
+    """-> o [B, Tq, Hq, Dv] (q.dtype), lse [B, Tq, Hq] float32; a token with an empty span gets o=0, lse=-inf."""
+    q, k, v = (x.contiguous() for x in (q, k, v))
+    batch, num_queries = q.shape[:2]
+    config = _config(q, k, v)
+    o, lse = attention_outputs_like(q, v.shape[-1])
+    spans = dict(key_lo=key_lo.to(torch.int32), key_hi=key_hi.to(torch.int32))
+
+    def launch(settings):
+        settings = _rows(settings, config)
+        grid = (triton.cdiv(num_queries, settings["BLOCK_M"] // config["GP"]), batch * config["HKV"])
+        _masked_attention_fwd_kernel[grid](
+            q, k, v, **spans, o=o, lse=lse, scale=scale, Tq=num_queries, Tk=k.shape[1], **config, **settings
+        )
+
+    if q.numel() > 0:
+        launch_fitting(launch, FORWARD_SETTINGS, fitting_key("masked_fwd", q, config))
+    return o, lse
+
+
+def masked_attention_backward(do, dlse, q, k, v, o, lse, key_lo, key_hi, scale: float):
+    """Gradients of ``masked_attention_forward``; dlse may be None. -> dq, dk, dv (input dtypes)."""
+    q, k, v, do = (x.contiguous() for x in (q, k, v, do))
+    batch, num_queries = q.shape[:2]
+    num_keys = k.shape[1]
+    config = _config(q, k, v)
+    delta = (do.float() * o.float()).sum(-1)
+    if dlse is not None:
+        delta = delta - dlse.float()
+    query_lo, query_hi = query_spans(key_lo, key_hi, num_keys)
+    tables = dict(key_lo=key_lo.to(torch.int32), key_hi=key_hi.to(torch.int32))
+    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    common = dict(q=q, k=k, v=v, do=do, lse=lse.contiguous(), delta=delta, **tables, scale=scale, Tq=num_queries,
+                  Tk=num_keys, **config)
+
+    def launch(settings):
+        settings = _rows(settings, config)
+        if q.numel() > 0:
+            grid = (triton.cdiv(num_queries, settings["BLOCK_M"] // config["GP"]), batch * config["HKV"])
+            _masked_attention_bwd_dq_kernel[grid](dq=dq, **common, **settings)
+        if k.numel() > 0:
+            grid = (triton.cdiv(num_keys, settings["BLOCK_N"]), batch * config["HKV"])
+            _masked_attention_bwd_dkdv_kernel[grid](
+                query_lo=query_lo.to(torch.int32), query_hi=query_hi.to(torch.int32), dk=dk, dv=dv, **common,
+                **settings,
+            )
+
+    launch_fitting(launch, BACKWARD_SETTINGS, fitting_key("masked_bwd", q, config))
+    return dq, dk, dv
