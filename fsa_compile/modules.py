@@ -79,7 +79,8 @@ class FlashSparseAttention(nn.Module):
             f"block_size={self.block_size}, topk={self.topk}, window_size={self.window_size}"
         )
 
-    def forward(self, x: Tensor, cu_seqlens: Tensor | None = None) -> Tensor:
+    def project(self, x: Tensor, cu_seqlens: Tensor | None = None) -> dict[str, Tensor]:
+        """The inputs of the three branches: q, k, v (after RoPE), k_cmp, v_cmp and gates [B, T, Hq, 3]."""
         if x.dim() != 3 or x.shape[-1] != self.hidden_size:
             raise ValueError(f"x must be [B, T, hidden_size={self.hidden_size}], got shape {tuple(x.shape)}")
         batch, num_tokens, _ = x.shape
@@ -97,10 +98,13 @@ class FlashSparseAttention(nn.Module):
         q = rotary_embedding(q, positions, self.rope_theta)
         k = rotary_embedding(k, positions, self.rope_theta)
         k_cmp = rotary_embedding(k_cmp, cmp_positions, self.rope_theta)
+        return dict(q=q, k=k, v=v, k_cmp=k_cmp, v_cmp=v_cmp, gates=gates)
 
+    def forward(self, x: Tensor, cu_seqlens: Tensor | None = None) -> Tensor:
+        branches = self.project(x, cu_seqlens)
         o = nsa_attention(
-            q, k, v, k_cmp, v_cmp, gates, kernel_size=ks, kernel_stride=stride, block_size=self.block_size,
+            **branches, kernel_size=self.kernel_size, kernel_stride=self.kernel_stride, block_size=self.block_size,
             topk=self.topk, init_blocks=self.init_blocks, local_blocks=self.local_blocks,
             window_size=self.window_size, cu_seqlens=cu_seqlens,
         )
-        return self.o_proj(o.reshape(batch, num_tokens, self.num_heads * self.head_dim))
+        return self.o_proj(o.flatten(2))

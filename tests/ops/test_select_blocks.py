@@ -3,7 +3,18 @@ import torch
 
 import fsa_compile
 from fsa_compile import reference
-from tests._testing import DEVICE, SMALL_CASES, make_qkv
+from fsa_compile.ops.select_blocks import select_blocks
+from tests._testing import ATTENTION_PATHS, DEVICE, SMALL_CASES, cpu_kernel_disabled, make_qkv
+
+
+@pytest.fixture(params=ATTENTION_PATHS)
+def path(request):
+    """select_blocks through the PyTorch CPU kernel or the fused Triton kernel (interpreter on CPU)."""
+    if request.param == "torch" or DEVICE != "cpu":
+        yield request.param
+        return
+    with cpu_kernel_disabled(select_blocks):
+        yield request.param
 
 # (kernel_size, kernel_stride, block_size, topk, init_blocks, local_blocks)
 SELECTIONS = [
@@ -46,7 +57,7 @@ def test_matches_reference_exactly_in_float64(case, selection):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
 @pytest.mark.parametrize("case", SMALL_CASES, ids=lambda c: c.id)
-def test_selected_score_matches_reference(case, dtype):
+def test_selected_score_matches_reference(case, dtype, path):
     """Low precision may swap near-tied blocks: compare the total reference score of the chosen blocks."""
     ks, stride, bs, topk, init, local = 8, 4, 16, 3, 1, 1
     q, k_cmp, lse, cu, seqlen_k = selection_inputs(case, dtype, ks, stride)
@@ -63,10 +74,11 @@ def test_selected_score_matches_reference(case, dtype):
     check_format(got, topk, bs, case.num_keys - 1)
 
 
-def test_ties_go_to_the_lower_block():
-    # q = 0: every visible compressed key is equally likely, so many blocks tie.
-    q = torch.zeros(1, 90, 2, 8, dtype=torch.float64, device=DEVICE)
-    k_cmp = torch.randn(1, (90 - 8) // 8 + 1, 1, 8, dtype=torch.float64, device=DEVICE)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+def test_ties_go_to_the_lower_block(dtype, path):
+    # q = 0: every visible compressed key is equally likely, so many blocks tie (exactly, in any precision).
+    q = torch.zeros(1, 90, 2, 8, dtype=dtype, device=DEVICE)
+    k_cmp = torch.randn(1, (90 - 8) // 8 + 1, 1, 8, dtype=dtype, device=DEVICE)
     _, lse = fsa_compile.compressed_attention(q, k_cmp, k_cmp, 8, 8)
     got = fsa_compile.select_blocks(q, k_cmp, lse, 8, 8, 8, 3, 0, 1)
     want = reference.select_blocks(q, k_cmp, lse, 8, 8, 8, 3, 0, 1)
@@ -75,7 +87,7 @@ def test_ties_go_to_the_lower_block():
     assert got[0, 89, 0].tolist() == [0, 1, 11]
 
 
-def test_nothing_visible_gives_forced_blocks_then_the_lowest():
+def test_nothing_visible_gives_forced_blocks_then_the_lowest(path):
     q = torch.randn(1, 20, 2, 8, device=DEVICE)
     k_cmp = torch.randn(1, 0, 1, 8, device=DEVICE)
     _, lse = fsa_compile.compressed_attention(q, k_cmp, k_cmp, 32, 16)
@@ -93,9 +105,51 @@ def test_nothing_visible_gives_forced_blocks_then_the_lowest():
 
 
 @pytest.mark.parametrize("varlen", [False, True], ids=["dense", "varlen"])
-def test_opcheck(varlen):
+def test_opcheck(varlen, path):
     q, k_cmp, _ = make_qkv(1, 37, 8, 4, 2, 16)
     q, k_cmp = q.detach(), k_cmp.detach()
     cu = torch.tensor([0, 20, 37], dtype=torch.int32, device=DEVICE) if varlen else None
     _, lse = fsa_compile.compressed_attention(q, k_cmp, k_cmp, 8, 4, None, cu)
     torch.library.opcheck(torch.ops.fsa.select_blocks, (q, k_cmp, lse, 8, 4, 8, 3, 1, 1, None, cu))
+
+
+@pytest.mark.parametrize("selection", [SELECTIONS[1], SELECTIONS[3], (32, 16, 64, 16, 1, 2)],
+                         ids=lambda s: "ks{}-st{}-bs{}-topk{}-init{}-local{}".format(*s))
+@pytest.mark.parametrize("case", SMALL_CASES[::2], ids=lambda c: c.id)
+def test_matches_reference_index_for_index_where_there_is_no_near_tie(case, selection, path):
+    """float32: the chosen blocks equal the reference's wherever the last chosen and the first rejected
+    candidate differ in score by more than 1e-4 (relative); elsewhere a swap is a rounding tie."""
+    ks, stride, bs, topk, init, local = selection
+    q, k_cmp, lse, cu, seqlen_k = selection_inputs(case, torch.float32, ks, stride)
+    got = fsa_compile.select_blocks(q, k_cmp, lse, ks, stride, bs, topk, init, local, None, cu, seqlen_k).cpu()
+    want = reference.select_blocks(q, k_cmp, lse, ks, stride, bs, topk, init, local, None, cu, seqlen_k).cpu()
+    scores = reference.block_scores(q, k_cmp, lse, ks, stride, bs, None, cu, seqlen_k)
+    chosen = torch.zeros_like(scores, dtype=torch.bool).scatter_(-1, want.long().clamp(min=0), want >= 0)
+    candidate = scores > float("-inf")  # the blocks 0 .. t // block_size
+    block = torch.arange(scores.shape[-1])
+    last = candidate.sum(-1, keepdim=True) - 1
+    forced = candidate & ((block < init) | (block > last - local))
+    lowest_chosen = scores.masked_fill(~chosen | forced, float("inf")).amin(-1)
+    best_rejected = scores.masked_fill(chosen | ~candidate, float("-inf")).amax(-1)
+    clear = (lowest_chosen - best_rejected) > 1e-4 * scores.masked_fill(~candidate, 0).amax(-1).clamp(min=1e-30)
+    assert clear.float().mean() > 0.5, "the inputs should mostly be free of near-ties"
+    assert torch.equal(got[clear], want[clear])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("group", [1, 4])
+def test_realistic_sizes_bf16(group):
+    """T = 8K, the layer's defaults, bf16 Triton kernel vs the PyTorch kernel on the same values in float32:
+    the same number of blocks everywhere and (rounding ties apart) the same blocks."""
+    from fsa_compile.ops.select_blocks import _select_blocks_torch
+
+    T, hkv, d = 8192, 2, 128
+    q = torch.randn(1, T, hkv * group, d, dtype=torch.bfloat16, device=DEVICE)
+    k_cmp = torch.randn(1, (T - 32) // 16 + 1, hkv, d, dtype=torch.bfloat16, device=DEVICE)
+    _, lse = fsa_compile.compressed_attention(q, k_cmp, k_cmp, 32, 16)
+    got = fsa_compile.select_blocks(q, k_cmp, lse, 32, 16, 64, 16, 1, 2)
+    want = _select_blocks_torch(q.float(), k_cmp.float(), lse, 32, 16, 64, 16, 1, 2, None, None, None)
+    assert torch.equal(got >= 0, want >= 0)
+    check_format(got, 16, 64, T - 1)
+    same = (got.unsqueeze(-1) == want.unsqueeze(-2)).any(-1) | (got < 0)
+    assert same.float().mean() > 0.99, f"only {same.float().mean():.4f} of the chosen blocks agree"

@@ -1,0 +1,200 @@
+"""The whole FlashSparseAttention layer vs the same layer with full causal SDPA, measured in one run.
+
+    python benchmarks/bench_layer.py                                  # T in {8K, 32K, 64K, 128K}, G in {1, 4}
+    python benchmarks/bench_layer.py --seqlens 8192 65536 --groups 1 --compile-seqlens 8192 --out bench_out
+
+Per (T, G), bf16, Hkv = 4, D = 128, hidden = Hq * D, batch 1, defaults of the layer (kernel 32/16, block 64,
+top-16, window 512):
+- layer forward and forward+backward (ms, median) for NSA eager and the dense-SDPA layer (eager), peak memory;
+- a per-branch breakdown on the layer's own intermediates: projections+compression, compressed attention,
+  select_blocks, selected attention, window attention (forward and forward+backward);
+- for ``--compile-seqlens``: NSA compiled (``torch.compile(fullgraph=True, dynamic=True)``) and compiled with
+  CUDA graphs (``mode="reduce-overhead"``), and the CUDA kernels launched per forward+backward, eager vs compiled.
+Prints a table, writes JSON and a PNG plot; the card is in the JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import fsa_compile  # noqa: E402
+from fsa_compile.compression import rotary_embedding, token_positions  # noqa: E402
+from _harness import cuda_time_ms, device_meta, peak_memory_mb, write_json  # noqa: E402
+
+try:
+    from tqdm import tqdm
+except ImportError:  # tqdm is in the [bench] extra
+    def tqdm(iterable, **_):
+        return iterable
+
+
+class DenseCausalLayer(nn.Module):
+    """The NSA layer's projections and RoPE around full causal SDPA (no compression, gates or selection)."""
+
+    def __init__(self, layer: fsa_compile.FlashSparseAttention):
+        super().__init__()
+        self.layer = layer
+
+    def forward(self, x):
+        layer = self.layer
+        batch, num_tokens, _ = x.shape
+        q = layer.q_proj(x).view(batch, num_tokens, layer.num_heads, layer.head_dim)
+        k = layer.k_proj(x).view(batch, num_tokens, layer.num_kv_heads, layer.head_dim)
+        v = layer.v_proj(x).view(batch, num_tokens, layer.num_kv_heads, layer.head_dim)
+        positions = token_positions(None, num_tokens, x.device)
+        q = rotary_embedding(q, positions, layer.rope_theta)
+        k = rotary_embedding(k, positions, layer.rope_theta)
+        o = F.scaled_dot_product_attention(
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True, enable_gqa=True
+        )
+        return layer.o_proj(o.transpose(1, 2).flatten(2))
+
+
+def forward_backward(model, x, grad):
+    def run():
+        x.grad = None
+        model(x).backward(grad)
+    return run
+
+
+def forward_only(model, x):
+    def run():
+        with torch.no_grad():
+            model(x)
+    return run
+
+
+def branch_times(layer, x) -> dict:
+    """ms per branch, forward and forward+backward, on the layer's own intermediates."""
+    L = layer
+    with torch.no_grad():
+        inputs = L.project(x)
+    q, k, v, k_cmp, v_cmp = (inputs[n].detach().requires_grad_() for n in ("q", "k", "v", "k_cmp", "v_cmp"))
+    o_cmp, lse_cmp = fsa_compile.compressed_attention(q, k_cmp, v_cmp, L.kernel_size, L.kernel_stride)
+    indices = fsa_compile.select_blocks(q, k_cmp, lse_cmp, L.kernel_size, L.kernel_stride, L.block_size, L.topk,
+                                        L.init_blocks, L.local_blocks)
+    branches = {
+        "project+compress": lambda: L.project(x),
+        "compressed": lambda: fsa_compile.compressed_attention(q, k_cmp, v_cmp, L.kernel_size, L.kernel_stride),
+        "select": lambda: fsa_compile.select_blocks(q, k_cmp, lse_cmp, L.kernel_size, L.kernel_stride,
+                                                    L.block_size, L.topk, L.init_blocks, L.local_blocks),
+        "selected": lambda: fsa_compile.selected_attention(q, k, v, indices, L.block_size),
+        "window": lambda: fsa_compile.sliding_window_attention(q, k, v, L.window_size),
+    }
+    out = {}
+    for name, fn in branches.items():
+        with torch.no_grad():
+            out[f"{name} fwd"] = cuda_time_ms(fn)
+        if name in ("compressed", "selected", "window", "project+compress"):
+            def full(fn=fn):
+                result = fn()
+                first = result[0] if isinstance(result, tuple) else result["q"]
+                first.float().sum().backward()
+            out[f"{name} fwd+bwd"] = cuda_time_ms(full)
+    return out
+
+
+def count_cuda_kernels(fn) -> int:
+    """CUDA kernels launched by one call of fn (torch.profiler)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    return sum(1 for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA)
+
+
+def run_config(seqlen, group, compile_it, args):
+    hkv, d = 4, 128
+    hq = group * hkv
+    layer = fsa_compile.FlashSparseAttention(hq * d, hq, hkv, d, device="cuda", dtype=torch.bfloat16)
+    x = torch.randn(1, seqlen, hq * d, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    grad = torch.randn_like(x)
+    dense = DenseCausalLayer(layer)
+    row = dict(seqlen=seqlen, group=group, hq=hq, hkv=hkv, head_dim=d)
+    for name, model in (("nsa", layer), ("sdpa", dense)):
+        row[f"{name} fwd"] = cuda_time_ms(forward_only(model, x))
+        row[f"{name} fwd+bwd"] = cuda_time_ms(forward_backward(model, x, grad))
+        row[f"{name} peak MiB"] = peak_memory_mb(forward_backward(model, x, grad))
+    row["breakdown"] = branch_times(layer, x)
+    if compile_it:
+        compiled = torch.compile(layer, fullgraph=True, dynamic=True)
+        graphs = torch.compile(layer, fullgraph=True, dynamic=True, mode="reduce-overhead")
+        row["nsa compiled fwd+bwd"] = cuda_time_ms(forward_backward(compiled, x, grad))
+        row["nsa cudagraphs fwd+bwd"] = cuda_time_ms(forward_backward(graphs, x, grad))
+        row["kernels eager fwd+bwd"] = count_cuda_kernels(forward_backward(layer, x, grad))
+        row["kernels compiled fwd+bwd"] = count_cuda_kernels(forward_backward(compiled, x, grad))
+    return row
+
+
+def print_table(rows):
+    print(f"\n{'T':>7} {'G':>2}  {'nsa fwd':>9} {'sdpa fwd':>9} {'nsa f+b':>9} {'sdpa f+b':>9} {'speedup':>8} "
+          f"{'nsa MiB':>8} {'sdpa MiB':>8} {'compiled':>9} {'cudagraph':>9} {'kern e/c':>9}")
+    for r in rows:
+        compiled = f"{r['nsa compiled fwd+bwd']:8.2f}" if "nsa compiled fwd+bwd" in r else f"{'-':>8}"
+        graphs = f"{r['nsa cudagraphs fwd+bwd']:8.2f}" if "nsa cudagraphs fwd+bwd" in r else f"{'-':>8}"
+        kernels = (f"{r['kernels eager fwd+bwd']}/{r['kernels compiled fwd+bwd']}" if "kernels eager fwd+bwd" in r
+                   else "-")
+        print(f"{r['seqlen']:>7} {r['group']:>2}  {r['nsa fwd']:9.2f} {r['sdpa fwd']:9.2f} {r['nsa fwd+bwd']:9.2f} "
+              f"{r['sdpa fwd+bwd']:9.2f} {r['sdpa fwd+bwd'] / r['nsa fwd+bwd']:7.2f}x {r['nsa peak MiB']:8.0f} "
+              f"{r['sdpa peak MiB']:8.0f} {compiled:>9} {graphs:>9} {kernels:>9}")
+    print("\nbreakdown (ms):")
+    for r in rows:
+        parts = "  ".join(f"{k} {v:.2f}" for k, v in r["breakdown"].items())
+        print(f"  T={r['seqlen']} G={r['group']}: {parts}")
+
+
+def plot(rows, path):
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for group in sorted({r["group"] for r in rows}):
+        sub = [r for r in rows if r["group"] == group]
+        seqlens = [r["seqlen"] for r in sub]
+        ax.plot(seqlens, [r["nsa fwd+bwd"] for r in sub], "o-", label=f"NSA layer (FSA) G={group}")
+        ax.plot(seqlens, [r["sdpa fwd+bwd"] for r in sub], "s--", label=f"SDPA layer G={group}")
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel("T")
+    ax.set_ylabel("forward+backward ms")
+    ax.legend()
+    ax.grid(True, which="both", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seqlens", type=int, nargs="+", default=[8192, 32768, 65536, 131072])
+    parser.add_argument("--groups", type=int, nargs="+", default=[1, 4])
+    parser.add_argument("--compile-seqlens", type=int, nargs="*", default=[8192, 32768])
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        sys.exit("bench_layer.py needs a CUDA device")
+    configs = [(t, g) for g in args.groups for t in args.seqlens]
+    rows = []
+    for seqlen, group in tqdm(configs, desc="configs"):
+        rows.append(run_config(seqlen, group, seqlen in args.compile_seqlens, args))
+        torch.cuda.empty_cache()
+    print(device_meta()["device"])
+    print_table(rows)
+    write_json(args.out / "bench_layer.json", rows, device_meta())
+    plot(rows, args.out / "bench_layer.png")
+
+
+if __name__ == "__main__":
+    main()
