@@ -10,8 +10,7 @@ tensor ever reaches memory.
 Ranking uses one int64 key per block, ``(score bits << 32) | (2^32 - 1 - j)``: scores are >= 0, so their
 float32 bit patterns order like the scores, and the low word puts the lower block first among equal scores.
 Forced blocks get the bits of +inf, blocks that are not candidates the key -1. A merge sorts the running
-best (TOPKP keys) together with the step's NBTP == TOPKP keys and keeps the first half; it is skipped when no
-key of the step beats the current k-th best of its row.
+best (TOPKP keys) together with the step's NBTP == TOPKP keys and keeps the first half.
 
 Tiles come from a table (``ops/select_blocks.py``): first flattened token row, end row of its sequence,
 position of the first token within the sequence, first compressed row of the sequence; unused tiles have
@@ -102,10 +101,7 @@ def _select_blocks_kernel(
         forced = (block[None, :] < INIT_BLOCKS) | (block[None, :] > last_block[:, None] - LOCAL_BLOCKS)
         bits = tl.where(forced, 0x7F800000, score.to(tl.int32, bitcast=True)).to(tl.int64)
         key = (bits << 32) | (0xFFFFFFFF - block[None, :].to(tl.int64))
-        key = tl.where(candidate, key, -1)
-        # Sorting is the costly part: skip the merge when no block of the step beats a row's current k-th.
-        if tl.max((tl.max(key, 1) > tl.min(best, 1)).to(tl.int32), 0) > 0:
-            best = _merge_top(best, key, TOPKP, BLOCK_T)
+        best = _merge_top(best, tl.where(candidate, key, -1), TOPKP, BLOCK_T)
 
     # Keys -> block indices, ascending with the empty (-1) slots last.
     chosen = tl.where((best >= 0) & (offs_b[None, :] < TOPK), 0xFFFFFFFF - (best & 0xFFFFFFFF), 1 << 40)
