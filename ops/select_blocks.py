@@ -186,6 +186,10 @@ def _window_steps(kernel_size, kernel_stride, block_size, blocks_wanted):
         block_c *= 2
 
 
+# Rows per program (tokens x GP heads of the group) and launch settings of the fused selection kernel.
+SELECT_LAUNCH = dict(rows=64, num_warps=4, num_stages=2)
+
+
 def _select_blocks_triton(
     q, k_cmp, lse, kernel_size, kernel_stride, block_size, topk, init_blocks, local_blocks, scale, cu_seqlens,
     seqlen_k,
@@ -195,7 +199,7 @@ def _select_blocks_triton(
     hkv = k_cmp.shape[2]
     group = hq // hkv
     group_padded = triton.next_power_of_2(group)
-    tile_tokens = max(16, 64 // group_padded)
+    tile_tokens = max(16, SELECT_LAUNCH["rows"] // group_padded)
     topk_padded = next_power_of_2(topk)
     block_c, blocks_per_step = _window_steps(kernel_size, kernel_stride, block_size, topk_padded)
     tables = _tiles(q, k_cmp.shape[1], kernel_size, kernel_stride, tile_tokens, cu_seqlens, seqlen_k)
@@ -208,7 +212,7 @@ def _select_blocks_triton(
         KERNEL_STRIDE=kernel_stride, BS=block_size, TOPK=topk, TOPKP=topk_padded, INIT_BLOCKS=init_blocks,
         LOCAL_BLOCKS=local_blocks, BLOCK_T=tile_tokens, BLOCK_C=block_c, NBT=blocks_per_step,
         INPUT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
-        num_warps=4, num_stages=2,
+        num_warps=SELECT_LAUNCH["num_warps"], num_stages=SELECT_LAUNCH["num_stages"],
     )
     return indices
 

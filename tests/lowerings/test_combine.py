@@ -1,8 +1,10 @@
-"""Fusion is asserted, not hoped for: the generated kernels of one compiled NSA layer (CPU, Inductor C++).
+"""Fusion is asserted, not hoped for: the generated kernels of one compiled NSA layer, pinned per backend
+(CPU: Inductor C++; CUDA: Inductor Triton, in the GPU run).
 
 The gate sigmoid and the three-way combination ``g_cmp*o_cmp + g_slc*o_slc + g_win*o_win`` come out as one
-fused kernel; the sparse branches stay opaque ``torch.ops.fsa`` calls. Regenerate the pinned list with
-``EXPECTTEST_ACCEPT=1 python -m pytest tests/lowerings/test_combine.py`` after an intended change.
+fused kernel; the sparse branches stay opaque ``torch.ops.fsa`` calls. Regenerate the pinned lists with
+``EXPECTTEST_ACCEPT=1 python -m pytest tests/lowerings/test_combine.py`` (on a GPU machine for the CUDA one)
+after an intended change.
 """
 
 import re
@@ -14,30 +16,62 @@ from torch._inductor.utils import run_and_get_code
 
 from tests._testing import DEVICE, make_small_layer
 
-pytestmark = pytest.mark.skipif(DEVICE != "cpu", reason="pins the CPU (C++) kernel list; CUDA names differ")
+# Inductor's generated kernel definitions: C++ on CPU, Triton on CUDA.
+KERNEL_PATTERN = {"cpu": r"(cpp_fused_\w+) = async_compile", "cuda": r"(triton_\w+) = async_compile\.triton\("}
+
+
+def generated_kernels(device: str) -> tuple[list[str], list[str]]:
+    """(sorted fused kernel names, sorted fsa ops called) of one compiled forward of the small layer."""
+    torch._dynamo.reset()
+    layer = make_small_layer().to(device)
+    with torch.no_grad(), torch._inductor.config.patch(force_disable_caches=True):
+        _, codes = run_and_get_code(torch.compile(layer, fullgraph=True), torch.randn(2, 45, 64, device=device))
+    torch._dynamo.reset()
+    code = "\n".join(codes)
+    kernels = sorted(set(re.findall(KERNEL_PATTERN[device], code)))
+    calls = sorted(set(re.findall(r"torch\.ops\.fsa\.(\w+)\.default\(", code)))
+    return kernels, calls
 
 
 @pytest.fixture(scope="module")
-def generated_code():
-    torch._dynamo.reset()
-    layer = make_small_layer()
-    with torch.no_grad(), torch._inductor.config.patch(force_disable_caches=True):
-        _, codes = run_and_get_code(torch.compile(layer, fullgraph=True), torch.randn(2, 45, 64))
-    torch._dynamo.reset()
-    return "\n".join(codes)
+def cpu_kernels():
+    return generated_kernels("cpu")
 
 
-def test_gate_and_combination_fuse_into_one_kernel(generated_code):
-    kernels = sorted(set(re.findall(r"(cpp_fused_\w+) = async_compile", generated_code)))
+needs_cuda = pytest.mark.skipif(DEVICE != "cuda", reason="needs a CUDA device")
+
+
+@pytest.fixture(scope="module")
+def cuda_kernels():
+    return generated_kernels("cuda")
+
+
+def _assert_gate_and_combination_fused(kernels):
     gate_kernels = [name for name in kernels if "sigmoid" in name]
     assert len(gate_kernels) == 1 and all(op in gate_kernels[0] for op in ("add", "mul")), kernels
 
 
-def test_pinned_kernel_list(generated_code):
-    kernels = sorted(set(re.findall(r"(cpp_fused_\w+) = async_compile", generated_code)))
-    calls = [name for name in re.findall(r"torch\.ops\.fsa\.(\w+)\.default\(", generated_code)]
+def test_gate_and_combination_fuse_into_one_kernel(cpu_kernels):
+    _assert_gate_and_combination_fused(cpu_kernels[0])
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_gate_and_combination_fuse_into_one_kernel_cuda(cuda_kernels):
+    _assert_gate_and_combination_fused(cuda_kernels[0])
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_pinned_kernel_list_cuda(cuda_kernels):
+    kernels, calls = cuda_kernels
+    assert_expected_inline("\n".join(kernels + calls), """""")
+
+
+def test_pinned_kernel_list(cpu_kernels):
+    kernels, calls = cpu_kernels
     assert_expected_inline(
-        "\n".join(kernels + sorted(set(calls))),
+        "\n".join(kernels + calls),
         """\
 cpp_fused__to_copy__unsafe_view_add_arange_cos_div_mul_neg_pow_sin_slice_sub_unsqueeze_view_0
 cpp_fused__to_copy__unsafe_view_add_arange_cos_div_mul_neg_pow_sin_slice_sub_unsqueeze_view_4

@@ -1,0 +1,80 @@
+"""Sweep the launch settings of the masked-attention (compressed, window) and select_blocks kernels.
+
+    python benchmarks/tune_layer_kernels.py --seqlen 65536 --groups 1 4
+
+bf16, Hkv = 4, D = 128, the layer's defaults (kernel 32/16, block 64, top-16, window 512). Prints ms per
+setting; the winners go into ``FORWARD_SETTINGS`` / ``BACKWARD_SETTINGS`` (``ops/_masked_attention.py``) and
+``SELECT_LAUNCH`` (``ops/select_blocks.py``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import fsa_compile  # noqa: E402
+from _harness import cuda_time_ms, device_meta  # noqa: E402
+
+masked = sys.modules["fsa_compile.ops._masked_attention"]
+select = sys.modules["fsa_compile.ops.select_blocks"]
+launch = sys.modules["fsa_compile.ops._launch"]
+
+FORWARD = [(128, 64, 8, 2), (128, 64, 4, 2), (64, 64, 4, 2), (128, 128, 8, 2), (64, 32, 4, 3), (128, 32, 4, 3)]
+BACKWARD = [(64, 64, 4, 2), (64, 128, 8, 2), (128, 64, 8, 2), (32, 64, 4, 2), (64, 64, 8, 1), (128, 128, 8, 1),
+            (64, 32, 4, 2)]
+SELECT = [(64, 4, 2), (32, 4, 2), (128, 4, 2), (64, 8, 2), (128, 8, 2), (64, 4, 1), (16, 4, 2)]
+
+
+def timed(fn):
+    try:
+        return f"{cuda_time_ms(fn, budget_s=0.25):7.2f}"
+    except Exception as error:  # noqa: BLE001  (a misfit setting is reported, not fatal)
+        return f"{type(error).__name__[:7]:>7}"
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--seqlen", type=int, default=65536)
+    parser.add_argument("--groups", type=int, nargs="+", default=[1, 4])
+    args = parser.parse_args()
+    print(device_meta()["device"])
+    T, hkv, d = args.seqlen, 4, 128
+    for group in args.groups:
+        hq = group * hkv
+        q = torch.randn(1, T, hq, d, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+        k = torch.randn(1, T, hkv, d, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+        v = torch.randn_like(k, requires_grad=True)
+        k_cmp = torch.randn(1, (T - 32) // 16 + 1, hkv, d, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+        v_cmp = torch.randn_like(k_cmp, requires_grad=True)
+        ops = {
+            "compressed": lambda: fsa_compile.compressed_attention(q, k_cmp, v_cmp, 32, 16),
+            "window": lambda: fsa_compile.sliding_window_attention(q, k, v, 512),
+        }
+        for name, op in ops.items():
+            o, lse = op()
+            do = torch.randn_like(o)
+            for setting in FORWARD:
+                masked.FORWARD_SETTINGS = (dict(zip(("BLOCK_M", "BLOCK_N", "num_warps", "num_stages"), setting)),)
+                launch._FITTING_SETTINGS.clear()
+                with torch.no_grad():
+                    print(f"G={group} {name:10s} fwd {setting}: {timed(op)} ms")
+            for setting in BACKWARD:
+                masked.BACKWARD_SETTINGS = (dict(zip(("BLOCK_M", "BLOCK_N", "num_warps", "num_stages"), setting)),)
+                launch._FITTING_SETTINGS.clear()
+                inputs = (q, k_cmp, v_cmp) if name == "compressed" else (q, k, v)
+                print(f"G={group} {name:10s} bwd {setting}: "
+                      f"{timed(lambda: torch.autograd.grad(o, inputs, do, retain_graph=True))} ms")
+        with torch.no_grad():
+            _, lse = fsa_compile.compressed_attention(q, k_cmp, v_cmp, 32, 16)
+            for setting in SELECT:
+                select.SELECT_LAUNCH = dict(zip(("rows", "num_warps", "num_stages"), setting))
+                print(f"G={group} select         {setting}: "
+                      f"{timed(lambda: fsa_compile.select_blocks(q, k_cmp, lse, 32, 16, 64, 16, 1, 2))} ms")
+
+
+if __name__ == "__main__":
+    main()
