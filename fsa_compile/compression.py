@@ -24,8 +24,10 @@ def compressed_layout(cu_seqlens, num_tokens: int, kernel_size: int, kernel_stri
         return first, first + kernel_size - 1, torch.ones_like(rows, dtype=torch.bool)
     cu = cu_seqlens.long()
     per_sequence = ((cu[1:] - cu[:-1] - kernel_size) // kernel_stride + 1).clamp(min=0)
-    cu_cmp = torch.cat([cu.new_zeros(1), per_sequence.cumsum(0)])
-    sequence = torch.searchsorted(cu_cmp[1:], rows, right=True)
+    ends = per_sequence.cumsum(0)
+    cu_cmp = torch.cat([cu.new_zeros(1), ends])
+    # Boundaries must not be a slice: Inductor's CUDA searchsorted lowering cannot take a SliceView.
+    sequence = torch.searchsorted(ends, rows, right=True)
     valid = sequence < per_sequence.shape[0]
     sequence = sequence.clamp(max=per_sequence.shape[0] - 1)
     local = (rows - cu_cmp[sequence]) * kernel_stride
@@ -38,7 +40,8 @@ def token_positions(cu_seqlens, num_tokens: int, device) -> torch.Tensor:
     if cu_seqlens is None:
         return tokens
     cu = cu_seqlens.long()
-    sequence = torch.searchsorted(cu[1:], tokens, right=True).clamp(max=cu.shape[0] - 2)
+    # cu, not cu[1:]: Inductor's CUDA searchsorted lowering cannot take a SliceView as boundaries.
+    sequence = (torch.searchsorted(cu, tokens, right=True) - 1).clamp(max=cu.shape[0] - 2)
     return tokens - cu[sequence]
 
 

@@ -65,7 +65,18 @@ def test_gate_and_combination_fuse_into_one_kernel_cuda(cuda_kernels):
 @needs_cuda
 def test_pinned_kernel_list_cuda(cuda_kernels):
     kernels, calls = cuda_kernels
-    assert_expected_inline("\n".join(kernels + calls), """""")
+    assert_expected_inline("\n".join(kernels + calls), """\
+triton_poi_fused__to_copy__unsafe_view_add_arange_cat_cos_div_mul_neg_pow_sin_slice_sub_unsqueeze_view_0
+triton_poi_fused__to_copy__unsafe_view_add_arange_cat_cos_div_mul_neg_pow_sin_slice_sub_unsqueeze_view_5
+triton_poi_fused__to_copy_add_arange_cat_clone_cos_div_mul_neg_pow_sin_slice_sub_transpose_unsqueeze_view_3
+triton_poi_fused__unsafe_view_add_arange_clamp_clone_index_mul_permute_transpose_unsqueeze_view_1
+triton_poi_fused_add_addmm_mul_sigmoid_slice_view_6
+triton_poi_fused_clone_compressed_attention_transpose_view_4
+triton_poi_fused_clone_expand_2
+compressed_attention
+select_blocks
+selected_attention
+sliding_window_attention""")
 
 
 def test_pinned_kernel_list(cpu_kernels):
