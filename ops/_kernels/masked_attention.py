@@ -31,25 +31,35 @@ def _query_rows(tile, Tq, HQ: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, B
 
 
 @triton.jit
+def _query_tile(q, key_lo, key_hi, tile, bh, Tq, Tk, HQ: tl.constexpr, HKV: tl.constexpr, G: tl.constexpr,
+                GP: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+    """A program's query tile: batch row, KV head, flat row of each (token, head), row validity, the row's key
+    span and q [BLOCK_M, BLOCK_D]. Rows past Tq get the empty span [Tk, 0): they neither widen the key loop
+    nor see a key."""
+    b, h = (bh // HKV).to(tl.int64), bh % HKV
+    token, head, row_valid = _query_rows(tile, Tq, HQ, G, GP, BLOCK_M)
+    rows = (b * Tq + token) * HQ + h * G + head
+    offs_d = tl.arange(0, BLOCK_D)
+    qv = tl.load(q + rows[:, None] * D + offs_d[None, :], mask=row_valid[:, None] & (offs_d[None, :] < D), other=0.0)
+    lo_row = tl.load(key_lo + token, mask=token < Tq, other=Tk)
+    hi_row = tl.load(key_hi + token, mask=token < Tq, other=0)
+    return b, h, rows, row_valid, lo_row, hi_row, qv
+
+
+@triton.jit
 def _masked_attention_fwd_kernel(
     q, k, v, key_lo, key_hi, o, lse, scale, Tq, Tk,
     HQ: tl.constexpr, HKV: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
 ):
-    bh = tl.program_id(1)
-    b, h = (bh // HKV).to(tl.int64), bh % HKV
-    token, head, row_valid = _query_rows(tl.program_id(0), Tq, HQ, G, GP, BLOCK_M)
+    b, h, rows, row_valid, lo_row, hi_row, qv = _query_tile(
+        q, key_lo, key_hi, tl.program_id(0), tl.program_id(1), Tq, Tk, HQ, HKV, G, GP, D, BLOCK_M, BLOCK_D
+    )
     qk_scale = scale * 1.4426950408889634
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
-
-    rows = (b * Tq + token) * HQ + h * G + head
-    qv = tl.load(q + rows[:, None] * D + offs_d[None, :], mask=row_valid[:, None] & (offs_d[None, :] < D), other=0.0)
-    # A row outside the tile's tokens gets the empty span [Tk, 0): it neither widens the loop nor sees a key.
-    lo_row = tl.load(key_lo + token, mask=token < Tq, other=Tk)
-    hi_row = tl.load(key_hi + token, mask=token < Tq, other=0)
     kv_rows = b * Tk * HKV + h
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
@@ -86,21 +96,16 @@ def _masked_attention_bwd_dq_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
 ):
-    bh = tl.program_id(1)
-    b, h = (bh // HKV).to(tl.int64), bh % HKV
-    token, head, row_valid = _query_rows(tl.program_id(0), Tq, HQ, G, GP, BLOCK_M)
+    b, h, rows, row_valid, lo_row, hi_row, qv = _query_tile(
+        q, key_lo, key_hi, tl.program_id(0), tl.program_id(1), Tq, Tk, HQ, HKV, G, GP, D, BLOCK_M, BLOCK_D
+    )
     qk_scale = scale * 1.4426950408889634
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
-
-    rows = (b * Tq + token) * HQ + h * G + head
-    qv = tl.load(q + rows[:, None] * D + offs_d[None, :], mask=row_valid[:, None] & (offs_d[None, :] < D), other=0.0)
     dov = tl.load(do + rows[:, None] * DV + offs_dv[None, :], mask=row_valid[:, None] & (offs_dv[None, :] < DV), other=0.0)
     lse2 = finite_or_zero(tl.load(lse + rows, mask=row_valid, other=0.0)) * 1.4426950408889634
     row_delta = tl.load(delta + rows, mask=row_valid, other=0.0)
-    lo_row = tl.load(key_lo + token, mask=token < Tq, other=Tk)
-    hi_row = tl.load(key_hi + token, mask=token < Tq, other=0)
     kv_rows = b * Tk * HKV + h
 
     dq_acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)

@@ -153,3 +153,22 @@ def test_realistic_sizes_bf16(group):
     check_format(got, 16, 64, T - 1)
     same = (got.unsqueeze(-1) == want.unsqueeze(-2)).any(-1) | (got < 0)
     assert same.float().mean() > 0.99, f"only {same.float().mean():.4f} of the chosen blocks agree"
+
+
+@pytest.mark.parametrize("selection,num_tokens", [((8, 8, 8, 64, 1, 2), 600), ((64, 32, 128, 4, 1, 1), 700)],
+                         ids=["topk64-bs8", "topk4-bs128"])
+def test_triton_kernel_at_the_limits_of_topk_and_block_size(selection, num_tokens):
+    """topk = 64 over up to 75 candidate blocks (a 128-key merge per step) and block_size = 128: the fused Triton
+    kernel picks the same blocks as the PyTorch kernel (float32, fixed inputs without near-ties)."""
+    if DEVICE != "cpu":
+        pytest.skip("compares against the PyTorch CPU kernel")
+    ks, stride, bs, topk, init, local = selection
+    q = torch.randn(1, num_tokens, 1, 16)
+    k_cmp = torch.randn(1, (num_tokens - ks) // stride + 1, 1, 16)
+    _, lse = fsa_compile.compressed_attention(q, k_cmp, k_cmp, ks, stride)
+    want = fsa_compile.select_blocks(q, k_cmp, lse, ks, stride, bs, topk, init, local)
+    with cpu_kernel_disabled(select_blocks):
+        got = fsa_compile.select_blocks(q, k_cmp, lse, ks, stride, bs, topk, init, local)
+    check_format(got, topk, bs, num_tokens - 1)
+    assert torch.all(want[0, -1] >= 0), "the last token should fill every slot"
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
