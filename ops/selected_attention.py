@@ -14,6 +14,10 @@ Kernels:
   query-centric vanilla NSA kernel (``_kernels/selected_nsa.py``); ``impl="auto"`` picks by
   ``choose_kernel``. float32 inputs use IEEE-exact dots (no TF32). float64 falls back to PyTorch.
 - CPU: vectorised PyTorch that gathers each query's selected blocks, chunked over queries.
+
+The Triton backwards use atomics (run-to-run float differences). Under ``torch.use_deterministic_algorithms(True)``
+the backward runs the PyTorch kernel on any device instead: deterministic but slower. The forward and the other
+ops are deterministic either way.
 """
 
 from __future__ import annotations
@@ -246,6 +250,11 @@ def _selected_attention_fsa_fwd_chunk(
 
 
 def _selected_attention_bwd(do, dlse, q, k, v, o, lse, indices, block_size, scale, cu_seqlens, impl):
+    if torch.are_deterministic_algorithms_enabled():
+        # Both Triton backwards add dq/dk/dv with atomics, so float sums depend on the order. With
+        # torch.use_deterministic_algorithms(True) the chunked PyTorch kernel runs instead: run-to-run identical
+        # (index_put_ accumulates deterministically), slower, and with cu_seqlens it reads the bounds on the host.
+        return _selected_attention_backward_torch(do, dlse, q, k, v, o, lse, indices, block_size, scale, cu_seqlens)
     q, k, v, indices, do = (x.contiguous() for x in (q, k, v, indices, do))
     batch, num_queries, hq, d = q.shape
     hkv = k.shape[2]

@@ -173,3 +173,32 @@ def test_launch_falls_back_once_when_settings_do_not_fit():
     assert module.launch_fitting(launch, chain, key) == "medium"
     assert module.launch_fitting(launch, chain, key) == "medium"
     assert tried == ["big", "medium", "medium"]  # the misfit is not retried
+
+
+def test_deterministic_algorithms_give_a_run_to_run_identical_backward(impl, monkeypatch):
+    """torch.use_deterministic_algorithms(True): no atomics in the backward (the Triton ones are not launched),
+    bitwise identical gradients on repeated runs, still equal to the reference."""
+    module = sys.modules["fsa_compile.ops.selected_attention"]
+
+    def atomics_kernel_launched(*args, **kwargs):
+        raise AssertionError("an atomics-based backward kernel ran in deterministic mode")
+
+    for name in ("_selected_attention_fsa_bwd_kernel", "_selected_attention_nsa_bwd_kernel"):
+        monkeypatch.setattr(module, name, atomics_kernel_launched)
+    q, k, v = make_qkv(1, 100, 100, 4, 2, 32)
+    indices = make_indices(1, 100, 100, 2, 16, 3)
+    previous = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        runs = []
+        for _ in range(2):
+            o, lse = torch.ops.fsa.selected_attention(q, k, v, indices, 16, None, None, impl)
+            runs.append(torch.autograd.grad((o * o).sum() + lse.sum(), (q, k, v)))
+        for first, second in zip(*runs):
+            assert torch.equal(first, second)
+        check_attention(
+            torch.ops.fsa.selected_attention(q, k, v, indices, 16, None, None, impl),
+            lambda q, k, v: reference.selected_attention(q, k, v, indices, 16), (q, k, v), torch.float32,
+        )
+    finally:
+        torch.use_deterministic_algorithms(previous)
