@@ -4,7 +4,9 @@ import torch
 import fsa_compile
 from fsa_compile import reference
 from fsa_compile.ops.compressed_attention import compressed_attention, compressed_attention_backward
-from tests._testing import ATTENTION_PATHS, DEVICE, attention_path, case_params, check_attention, make_qkv
+from tests._testing import (
+    ATTENTION_PATHS, DEVICE, RATIO, assert_close, attention_path, case_params, check_attention, make_qkv,
+)
 
 
 @pytest.fixture(params=ATTENTION_PATHS)
@@ -77,3 +79,25 @@ def test_opcheck(varlen, path):
 def test_opcheck_fewer_queries_than_keys(path):
     q, k_cmp, v_cmp = make_qkv(2, 5, 9, 4, 4, 16)
     torch.library.opcheck(torch.ops.fsa.compressed_attention, (q, k_cmp, v_cmp, 8, 4, 0.2, None, 40))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("num_queries,group", [(4096, 1), (16384, 1), (16384, 4)], ids=lambda x: str(x))
+def test_realistic_sizes_bf16(num_queries, group):
+    """T = 4K..16K, bf16, D = 128, kernel 32 / stride 16. The oracle sees the last 384 queries only: the loss is
+    put on those rows, so every gradient (dk_cmp, dv_cmp included) must match the reference on that suffix."""
+    hkv, tail = 2, 384
+    q, k_cmp, v_cmp = make_qkv(1, num_queries, (num_queries - 32) // 16 + 1, hkv * group, hkv, 128,
+                               dtype=torch.bfloat16)
+    o, lse = fsa_compile.compressed_attention(q, k_cmp, v_cmp, 32, 16)
+    do = torch.zeros_like(o)
+    do[:, -tail:] = torch.randn_like(o[:, -tail:])
+    grads = torch.autograd.grad(o, (q, k_cmp, v_cmp), do)
+    rq, rk, rv = (x.detach().double().requires_grad_() for x in (q, k_cmp, v_cmp))
+    ref_o, ref_lse = reference.compressed_attention(rq[:, -tail:], rk, rv, 32, 16, None, None, num_queries)
+    ref_grads = torch.autograd.grad(ref_o, (rq, rk, rv), do[:, -tail:].double())
+    ratio = RATIO[torch.bfloat16]
+    assert_close("o", ref_o, o[:, -tail:], ratio)
+    assert_close("lse", ref_lse, lse[:, -tail:], ratio)
+    for name, ref_grad, grad in zip(("dq", "dk_cmp", "dv_cmp"), ref_grads, grads):
+        assert_close(name, ref_grad, grad, ratio)
