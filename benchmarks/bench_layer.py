@@ -95,8 +95,8 @@ def branch_times(layer, x) -> dict:
         if name in ("compressed", "selected", "window", "project+compress"):
             def full(fn=fn):
                 result = fn()
-                first = result[0] if isinstance(result, tuple) else result["q"]
-                first.float().sum().backward()
+                outputs = result if isinstance(result, tuple) else tuple(result.values())
+                sum(t.float().sum() for t in outputs if t.requires_grad).backward()
             out[f"{name} fwd+bwd"] = cuda_time_ms(full)
     return out
 
