@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# The GPU test pass, in pieces that each fit a device call, with every log kept under $OUT.
+#
+#   bash .ci/gpu_check.sh ops-selected     # ~8 min: selected attention, both kernels
+#   bash .ci/gpu_check.sh ops-layer        # compressed, window, select_blocks, modules
+#   bash .ci/gpu_check.sh compile          # compile, CUDA graphs, export, AOTI, CUDA kernel-list pin
+#
+# Run from the repository root on the device machine. With the preinstalled CUDA torch, the package is used
+# from the checkout (PYTHONPATH); expecttest comes from a carried wheel in .whl/ when it is not installed.
+set -uo pipefail
+OUT=${OUT:-gpu_out}
+mkdir -p "$OUT"
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
+if ! python -c "import expecttest" 2>/dev/null && ls .whl/expecttest-*.whl >/dev/null 2>&1; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/expecttest-*.whl
+    export PYTHONPATH=$PYTHONPATH:/tmp/site
+fi
+nvidia-smi --query-gpu=name --format=csv,noheader | tee "$OUT/card.txt"
+
+run() {  # run NAME LIMIT_S PYTEST_ARGS...
+    local name=$1 limit=$2
+    shift 2
+    timeout "$limit" python -m pytest -q -rfE -p no:cacheprovider "$@" 2>&1 | tee "$OUT/$name.log" | tail -5
+}
+
+case "${1:-}" in
+    ops-selected) run selected 560 tests/ops/test_selected_attention.py ;;
+    ops-layer) run layer 560 tests/ops/test_compressed_attention.py tests/ops/test_sliding_window_attention.py \
+        tests/ops/test_select_blocks.py tests/test_modules.py ;;
+    compile) run compile 560 tests/test_compile.py tests/test_export.py tests/lowerings ;;
+    *) echo "usage: bash .ci/gpu_check.sh ops-selected|ops-layer|compile" >&2; exit 2 ;;
+esac
