@@ -8,6 +8,10 @@
 # Run from the repository root on the device machine. With the preinstalled CUDA torch, the package is used
 # from the checkout (PYTHONPATH); expecttest comes from a carried wheel in .whl/ when it is not installed.
 set -uo pipefail
+case "${1:-}" in
+    ops-selected | ops-layer | compile) ;;
+    *) echo "usage: bash .ci/gpu_check.sh ops-selected|ops-layer|compile" >&2; exit 2 ;;
+esac
 OUT=${OUT:-gpu_out}
 mkdir -p "$OUT"
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
@@ -28,5 +32,4 @@ case "${1:-}" in
     ops-layer) run layer 560 tests/ops/test_compressed_attention.py tests/ops/test_sliding_window_attention.py \
         tests/ops/test_select_blocks.py tests/test_modules.py ;;
     compile) run compile 560 tests/test_compile.py tests/test_export.py tests/lowerings ;;
-    *) echo "usage: bash .ci/gpu_check.sh ops-selected|ops-layer|compile" >&2; exit 2 ;;
 esac
