@@ -49,3 +49,24 @@ def test_aoti_package_runs_in_a_fresh_process(tmp_path):
     )
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600)
     assert result.returncode == 0 and "matched" in result.stdout, result.stderr[-3000:]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(DEVICE != "cuda", reason="isolates the CUDA AOTInductor load crash")
+def test_aoti_package_without_fsa_ops_runs_in_a_fresh_process(tmp_path):
+    """Control for the xfail above: the same round trip for a model with no fsa op (linear + sigmoid). If this
+    crashes too, the SIGSEGV is in AOTInductor's CUDA runtime here, not in the fsa ops."""
+    model = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.Sigmoid()).to(DEVICE).eval()
+    program = torch.export.export(model, (torch.randn(4, 64, device=DEVICE),))
+    x = torch.randn(4, 64, device=DEVICE)
+    package = torch._inductor.aoti_compile_and_package(program, package_path=str(tmp_path / "plain.pt2"))
+    torch.save({"x": x, "y": model(x).detach()}, tmp_path / "io.pt")
+    script = (
+        "import torch\n"
+        f"data = torch.load({str(tmp_path / 'io.pt')!r})\n"
+        f"runner = torch._inductor.aoti_load_package({package!r})\n"
+        "torch.testing.assert_close(runner(data['x']), data['y'])\n"
+        "print('matched')\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0 and "matched" in result.stdout, (result.returncode, result.stderr[-3000:])
