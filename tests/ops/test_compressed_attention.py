@@ -101,3 +101,13 @@ def test_realistic_sizes_bf16(num_queries, group):
     assert_close("lse", ref_lse, lse[:, -tail:], ratio)
     for name, ref_grad, grad in zip(("dq", "dk_cmp", "dv_cmp"), ref_grads, grads):
         assert_close(name, ref_grad, grad, ratio)
+
+
+@pytest.mark.parametrize("group,d", [(16, 32), (3, 20), (5, 8)], ids=["G16-D32", "G3-D20", "G5-D8"])
+def test_odd_groups_and_head_dims(group, d, path):
+    """G = 16 (4 tokens per 64-row tile) and groups / head dims that are not powers of two; Dv = D + 4."""
+    q, _, _ = make_qkv(1, 90, 1, 2 * group, 2, d)
+    _, k_cmp, v_cmp = make_qkv(1, 1, (90 - 8) // 4 + 1, 2 * group, 2, d, d + 4)
+    out = fsa_compile.compressed_attention(q, k_cmp, v_cmp, 8, 4)
+    check_attention(out, lambda q, k, v: reference.compressed_attention(q, k, v, 8, 4), (q, k_cmp, v_cmp),
+                    torch.float32)

@@ -113,15 +113,10 @@ def test_opcheck(varlen, path):
     torch.library.opcheck(torch.ops.fsa.select_blocks, (q, k_cmp, lse, 8, 4, 8, 3, 1, 1, None, cu))
 
 
-@pytest.mark.parametrize("selection", [SELECTIONS[1], SELECTIONS[3], (32, 16, 64, 16, 1, 2)],
-                         ids=lambda s: "ks{}-st{}-bs{}-topk{}-init{}-local{}".format(*s))
-@pytest.mark.parametrize("case", SMALL_CASES[::2], ids=lambda c: c.id)
-def test_matches_reference_index_for_index_where_there_is_no_near_tie(case, selection, path):
-    """float32: the chosen blocks equal the reference's wherever the last chosen and the first rejected
-    candidate differ in score by more than 1e-4 (relative); elsewhere a swap is a rounding tie."""
+def assert_same_blocks_where_clear(got, q, k_cmp, lse, selection, cu=None, seqlen_k=None):
+    """got equals the reference selection wherever the last chosen and the first rejected non-forced candidate
+    differ in score by more than 1e-4 (relative); elsewhere a swap is a rounding tie."""
     ks, stride, bs, topk, init, local = selection
-    q, k_cmp, lse, cu, seqlen_k = selection_inputs(case, torch.float32, ks, stride)
-    got = fsa_compile.select_blocks(q, k_cmp, lse, ks, stride, bs, topk, init, local, None, cu, seqlen_k).cpu()
     want = reference.select_blocks(q, k_cmp, lse, ks, stride, bs, topk, init, local, None, cu, seqlen_k).cpu()
     scores = reference.block_scores(q, k_cmp, lse, ks, stride, bs, None, cu, seqlen_k)
     chosen = torch.zeros_like(scores, dtype=torch.bool).scatter_(-1, want.long().clamp(min=0), want >= 0)
@@ -133,7 +128,18 @@ def test_matches_reference_index_for_index_where_there_is_no_near_tie(case, sele
     best_rejected = scores.masked_fill(chosen | ~candidate, float("-inf")).amax(-1)
     clear = (lowest_chosen - best_rejected) > 1e-4 * scores.masked_fill(~candidate, 0).amax(-1).clamp(min=1e-30)
     assert clear.float().mean() > 0.5, "the inputs should mostly be free of near-ties"
-    assert torch.equal(got[clear], want[clear])
+    assert torch.equal(got.cpu()[clear], want[clear])
+
+
+@pytest.mark.parametrize("selection", [SELECTIONS[1], SELECTIONS[3], (32, 16, 64, 16, 1, 2)],
+                         ids=lambda s: "ks{}-st{}-bs{}-topk{}-init{}-local{}".format(*s))
+@pytest.mark.parametrize("case", SMALL_CASES[::2], ids=lambda c: c.id)
+def test_matches_reference_index_for_index_where_there_is_no_near_tie(case, selection, path):
+    """float32: the chosen blocks equal the reference's wherever there is no rounding tie."""
+    ks, stride, bs, topk, init, local = selection
+    q, k_cmp, lse, cu, seqlen_k = selection_inputs(case, torch.float32, ks, stride)
+    got = fsa_compile.select_blocks(q, k_cmp, lse, ks, stride, bs, topk, init, local, None, cu, seqlen_k)
+    assert_same_blocks_where_clear(got, q, k_cmp, lse, selection, cu, seqlen_k)
 
 
 @pytest.mark.gpu
@@ -172,3 +178,13 @@ def test_triton_kernel_at_the_limits_of_topk_and_block_size(selection, num_token
     check_format(got, topk, bs, num_tokens - 1)
     assert torch.all(want[0, -1] >= 0), "the last token should fill every slot"
     torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("group,d", [(16, 32), (3, 20), (5, 8)], ids=["G16-D32", "G3-D20", "G5-D8"])
+def test_odd_groups_and_head_dims(group, d, path):
+    """G = 16 and groups / head dims that are not powers of two: the float32 selection matches the reference."""
+    q = torch.randn(1, 90, 2 * group, d, device=DEVICE)
+    k_cmp = torch.randn(1, (90 - 8) // 4 + 1, 2, d, device=DEVICE)
+    _, lse = fsa_compile.compressed_attention(q, k_cmp, k_cmp, 8, 4)
+    got = fsa_compile.select_blocks(q, k_cmp, lse, 8, 4, 16, 3, 1, 1)
+    assert_same_blocks_where_clear(got, q, k_cmp, lse, (8, 4, 16, 3, 1, 1))

@@ -76,3 +76,11 @@ def test_realistic_sizes_bf16(num_queries, group):
     assert_close("lse", ref_lse, lse[:, -tail:], ratio)
     for name, ref_grad, grad in zip(("dq", "dk", "dv"), ref_grads, grads):
         assert_close(name, ref_grad, grad, ratio)
+
+
+@pytest.mark.parametrize("group,d", [(16, 32), (3, 20), (5, 8)], ids=["G16-D32", "G3-D20", "G5-D8"])
+def test_odd_groups_and_head_dims(group, d, path):
+    """G = 16 (4 tokens per 64-row tile) and groups / head dims that are not powers of two; Dv = D + 4."""
+    q, k, v = make_qkv(1, 90, 90, 2 * group, 2, d, d + 4)
+    out = fsa_compile.sliding_window_attention(q, k, v, 17)
+    check_attention(out, lambda q, k, v: reference.sliding_window_attention(q, k, v, 17), (q, k, v), torch.float32)
