@@ -28,6 +28,13 @@ def attention_grads_like(q, k, v) -> tuple[torch.Tensor, torch.Tensor, torch.Ten
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
+def softmax_backward_delta(do: torch.Tensor, o: torch.Tensor, dlse: torch.Tensor | None) -> torch.Tensor:
+    """float32 [B, Tq, Hq]: ``rowsum(do * o) - dlse``, the per-row term of the attention backward
+    (``ds = p * (dp - delta)``); dlse may be None."""
+    delta = (do.float() * o.float()).sum(-1)
+    return delta if dlse is None else delta - dlse.float()
+
+
 def register_attention_autograd(forward_op, backward_op) -> None:
     """Autograd for ``forward_op(q, k, v, *rest) -> (o, lse)``.
 

@@ -17,7 +17,7 @@ from ._kernels.masked_attention import (
     _masked_attention_fwd_kernel,
 )
 from ._launch import fitting_key, launch_fitting
-from ._library import attention_outputs_like
+from ._library import attention_outputs_like, softmax_backward_delta
 
 # Rows per program = BLOCK_M (tokens x G heads), keys per step = BLOCK_N. Smaller settings follow for GPUs or
 # dtypes whose shared memory does not fit the first ones.
@@ -116,9 +116,7 @@ def masked_attention_backward(do, dlse, q, k, v, o, lse, key_lo, key_hi, scale: 
     batch, num_queries = q.shape[:2]
     num_keys = k.shape[1]
     config = _config(q, k, v)
-    delta = (do.float() * o.float()).sum(-1)
-    if dlse is not None:
-        delta = delta - dlse.float()
+    delta = softmax_backward_delta(do, o, dlse)
     query_lo, query_hi = query_spans(key_lo, key_hi, num_keys)
     tables = dict(key_lo=key_lo.to(torch.int32), key_hi=key_hi.to(torch.int32))
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)

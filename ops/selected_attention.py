@@ -36,7 +36,10 @@ from ._kernels.selected_fsa import (
 )
 from ._kernels.selected_nsa import _selected_attention_nsa_bwd_kernel, _selected_attention_nsa_fwd_kernel
 from ._launch import fitting_key, launch_fitting
-from ._library import attention_grads_like, attention_outputs_like, op_name, register_attention_autograd, resolve_scale
+from ._library import (
+    attention_grads_like, attention_outputs_like, op_name, register_attention_autograd, resolve_scale,
+    softmax_backward_delta,
+)
 
 # Named ``impl`` rather than ``kernel``: Inductor's FallbackKernel.create() takes a ``kernel`` argument of its
 # own and fails to lower an op with an argument of that name.
@@ -261,9 +264,7 @@ def _selected_attention_bwd(do, dlse, q, k, v, o, lse, indices, block_size, scal
     scale = resolve_scale(scale, d)
     config = _launch_config(q, k, v, indices, block_size)
     query_rows, sequence_starts = _token_rows(q, k, cu_seqlens)
-    delta = (do.float() * o.float()).sum(-1)
-    if dlse is not None:
-        delta = delta - dlse.float()
+    delta = softmax_backward_delta(do, o, dlse)
     dk = torch.zeros(k.shape, dtype=torch.float32, device=k.device)
     dv = torch.zeros(v.shape, dtype=torch.float32, device=v.device)
     if choose_kernel(impl, hq // hkv, num_queries, backward=True) == "nsa":

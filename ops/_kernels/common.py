@@ -20,5 +20,37 @@ def finite_or_zero(x):
     return tl.where(x == float("-inf"), 0.0, x)
 
 
+@triton.jit
+def online_softmax_step(s, m_i, l_i, acc, vv, INPUT_PRECISION: tl.constexpr):
+    """Fold one key tile into an online softmax: base-2 logits s [M, N] (-inf where masked), values vv [N, DV],
+    running max m_i [M], sum l_i [M] and output acc [M, DV]. -> the updated (m_i, l_i, acc)."""
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    m_safe = finite_or_zero(m_new)
+    alpha = tl.exp2(m_i - m_safe)
+    p = tl.exp2(s - m_safe[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(vv.dtype), vv, input_precision=INPUT_PRECISION)
+    return m_new, l_i, acc
+
+
+@triton.jit
+def finish_softmax(acc, m_i, l_i):
+    """-> (acc / l_i, natural-log lse); a row that saw no key (l_i = 0) gets 0 and -inf, not NaN."""
+    seen = l_i > 0
+    out = acc / tl.where(seen, l_i, 1.0)[:, None]
+    row_lse = tl.where(seen, (m_i + tl.log2(tl.where(seen, l_i, 1.0))) * 0.6931471805599453, float("-inf"))
+    return out, row_lse
+
+
+@triton.jit
+def load_gradient_rows(do, lse, delta, rows, row_mask, DV: tl.constexpr, BLOCK_DV: tl.constexpr):
+    """Backward inputs of the flat (token, head) rows: do [M, BLOCK_DV], lse in base 2 (-inf -> 0) and delta [M]."""
+    offs_dv = tl.arange(0, BLOCK_DV)
+    dov = tl.load(do + rows[:, None] * DV + offs_dv[None, :], mask=row_mask[:, None] & (offs_dv[None, :] < DV), other=0.0)
+    lse2 = finite_or_zero(tl.load(lse + rows, mask=row_mask, other=0.0)) * 1.4426950408889634
+    row_delta = tl.load(delta + rows, mask=row_mask, other=0.0)
+    return dov, lse2, row_delta
+
+
 def next_power_of_2(n: int, minimum: int = 16) -> int:
     return max(minimum, triton.next_power_of_2(n))

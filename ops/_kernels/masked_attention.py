@@ -18,7 +18,7 @@ group into its rows (row r = token ``r // GP``, head ``r % GP``), so each K/V ti
 import triton
 import triton.language as tl
 
-from .common import finite_or_zero, masked_scores
+from .common import finish_softmax, load_gradient_rows, masked_scores, online_softmax_step
 
 
 @triton.jit
@@ -72,18 +72,10 @@ def _masked_attention_fwd_kernel(
         kt = tl.load(k + key_rows[None, :] * D + offs_d[:, None], mask=in_range[None, :] & (offs_d[:, None] < D), other=0.0)
         visible = (keys[None, :] >= lo_row[:, None]) & (keys[None, :] < hi_row[:, None])
         s = masked_scores(qv, kt, visible, qk_scale, INPUT_PRECISION)
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        m_safe = finite_or_zero(m_new)
-        alpha = tl.exp2(m_i - m_safe)
-        p = tl.exp2(s - m_safe[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
         vv = tl.load(v + key_rows[:, None] * DV + offs_dv[None, :], mask=in_range[:, None] & (offs_dv[None, :] < DV), other=0.0)
-        acc = acc * alpha[:, None] + tl.dot(p.to(vv.dtype), vv, input_precision=INPUT_PRECISION)
-        m_i = m_new
+        m_i, l_i, acc = online_softmax_step(s, m_i, l_i, acc, vv, INPUT_PRECISION)
 
-    seen = l_i > 0
-    out = acc / tl.where(seen, l_i, 1.0)[:, None]
-    row_lse = tl.where(seen, (m_i + tl.log2(tl.where(seen, l_i, 1.0))) * 0.6931471805599453, float("-inf"))
+    out, row_lse = finish_softmax(acc, m_i, l_i)
     tl.store(o + rows[:, None] * DV + offs_dv[None, :], out.to(o.dtype.element_ty),
              mask=row_valid[:, None] & (offs_dv[None, :] < DV))
     tl.store(lse + rows, row_lse, mask=row_valid)
@@ -103,9 +95,7 @@ def _masked_attention_bwd_dq_kernel(
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
-    dov = tl.load(do + rows[:, None] * DV + offs_dv[None, :], mask=row_valid[:, None] & (offs_dv[None, :] < DV), other=0.0)
-    lse2 = finite_or_zero(tl.load(lse + rows, mask=row_valid, other=0.0)) * 1.4426950408889634
-    row_delta = tl.load(delta + rows, mask=row_valid, other=0.0)
+    dov, lse2, row_delta = load_gradient_rows(do, lse, delta, rows, row_valid, DV, BLOCK_DV)
     kv_rows = b * Tk * HKV + h
 
     dq_acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
@@ -155,9 +145,7 @@ def _masked_attention_bwd_dkdv_kernel(
         row_valid = (token < Tq) & (head < G)
         rows = (b * Tq + token) * HQ + h * G + head
         qv = tl.load(q + rows[:, None] * D + offs_d[None, :], mask=row_valid[:, None] & (offs_d[None, :] < D), other=0.0)
-        dov = tl.load(do + rows[:, None] * DV + offs_dv[None, :], mask=row_valid[:, None] & (offs_dv[None, :] < DV), other=0.0)
-        lse2 = finite_or_zero(tl.load(lse + rows, mask=row_valid, other=0.0)) * 1.4426950408889634
-        row_delta = tl.load(delta + rows, mask=row_valid, other=0.0)
+        dov, lse2, row_delta = load_gradient_rows(do, lse, delta, rows, row_valid, DV, BLOCK_DV)
         lo_row = tl.load(key_lo + token, mask=token < Tq, other=Tk)
         hi_row = tl.load(key_hi + token, mask=token < Tq, other=0)
         visible = row_valid[:, None] & (keys[None, :] >= lo_row[:, None]) & (keys[None, :] < hi_row[:, None])

@@ -21,7 +21,7 @@ forward runs over chunks of flattened tokens to bound the partial buffers; the b
 import triton
 import triton.language as tl
 
-from .common import finite_or_zero, masked_scores
+from .common import finish_softmax, finite_or_zero, load_gradient_rows, masked_scores
 
 
 @triton.jit
@@ -84,9 +84,7 @@ def _selected_attention_fsa_fwd_kernel(
         s = masked_scores(qv, kt, mask, qk_scale, INPUT_PRECISION)  # [BLOCK_M, BLOCK_S]
         m = finite_or_zero(tl.max(s, 1))
         p = tl.exp2(s - m[:, None])
-        l = tl.sum(p, 1)
-        out = tl.dot(p.to(vv.dtype), vv, input_precision=INPUT_PRECISION) / tl.where(l > 0, l, 1.0)[:, None]
-        block_lse = tl.where(l > 0, (m + tl.log2(tl.where(l > 0, l, 1.0))) * 0.6931471805599453, float("-inf"))
+        out, block_lse = finish_softmax(tl.dot(p.to(vv.dtype), vv, input_precision=INPUT_PRECISION), m, tl.sum(p, 1))
         partial_row = entry * G + g
         tl.store(lse_partial + partial_row, block_lse, mask=row_mask)
         tl.store(
@@ -163,9 +161,7 @@ def _selected_attention_fsa_bwd_kernel(
             HQ, HKV, G, GP, TOPK, BLOCK_M,
         )
         qv = tl.load(q + head_row[:, None] * D + offs_d[None, :], mask=row_mask[:, None] & (offs_d[None, :] < D), other=0.0)
-        dov = tl.load(do + head_row[:, None] * DV + offs_dv[None, :], mask=row_mask[:, None] & (offs_dv[None, :] < DV), other=0.0)
-        row_lse = finite_or_zero(tl.load(lse + head_row, mask=row_mask, other=0.0)) * 1.4426950408889634
-        row_delta = tl.load(delta + head_row, mask=row_mask, other=0.0)
+        dov, row_lse, row_delta = load_gradient_rows(do, lse, delta, head_row, row_mask, DV, BLOCK_DV)
         s = masked_scores(qv, kt, mask, qk_scale, INPUT_PRECISION)
         p = tl.exp2(s - row_lse[:, None])  # [BLOCK_M, BLOCK_S]
         dp = tl.dot(dov, vt, input_precision=INPUT_PRECISION)

@@ -12,7 +12,7 @@ sequence starts; a key row r of block j is visible iff ``r <= query_row``.
 import triton
 import triton.language as tl
 
-from .common import finite_or_zero, masked_scores
+from .common import finish_softmax, load_gradient_rows, masked_scores, online_softmax_step
 
 
 @triton.jit
@@ -68,18 +68,10 @@ def _selected_attention_nsa_fwd_kernel(
         kv_row = (key_base + key_row) * HKV + h
         kt = tl.load(k + kv_row[None, :] * D + offs_d[:, None], mask=key_mask[None, :] & (offs_d[:, None] < D), other=0.0)
         s = masked_scores(qv, kt, key_mask[None, :], qk_scale, INPUT_PRECISION)  # [BLOCK_G, BLOCK_S]
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        m_safe = finite_or_zero(m_new)
-        alpha = tl.exp2(m_i - m_safe)
-        p = tl.exp2(s - m_safe[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
         vv = tl.load(v + kv_row[:, None] * DV + offs_dv[None, :], mask=key_mask[:, None] & (offs_dv[None, :] < DV), other=0.0)
-        acc = acc * alpha[:, None] + tl.dot(p.to(vv.dtype), vv, input_precision=INPUT_PRECISION)
-        m_i = m_new
+        m_i, l_i, acc = online_softmax_step(s, m_i, l_i, acc, vv, INPUT_PRECISION)
 
-    seen = l_i > 0
-    out = acc / tl.where(seen, l_i, 1.0)[:, None]
-    row_lse = tl.where(seen, (m_i + tl.log2(tl.where(seen, l_i, 1.0))) * 0.6931471805599453, float("-inf"))
+    out, row_lse = finish_softmax(acc, m_i, l_i)
     tl.store(
         o + (token * HQ + h * G + offs_g[:, None]) * DV + offs_dv[None, :], out.to(o.dtype.element_ty),
         mask=head_mask[:, None] & (offs_dv[None, :] < DV),
@@ -107,9 +99,7 @@ def _selected_attention_nsa_bwd_kernel(
     head_mask = offs_g < G
     heads = token * HQ + h * G + offs_g
     qv = tl.load(q + heads[:, None] * D + offs_d[None, :], mask=head_mask[:, None] & (offs_d[None, :] < D), other=0.0)
-    dov = tl.load(do + heads[:, None] * DV + offs_dv[None, :], mask=head_mask[:, None] & (offs_dv[None, :] < DV), other=0.0)
-    lse2 = finite_or_zero(tl.load(lse + heads, mask=head_mask, other=0.0)) * 1.4426950408889634
-    row_delta = tl.load(delta + heads, mask=head_mask, other=0.0)
+    dov, lse2, row_delta = load_gradient_rows(do, lse, delta, heads, head_mask, DV, BLOCK_DV)
     indices_row = indices + (token * HKV + h) * TOPK
 
     dq_acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
