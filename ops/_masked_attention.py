@@ -18,6 +18,7 @@ from ._kernels.masked_attention import (
 )
 from ._launch import fitting_key, launch_fitting
 from ._library import attention_outputs_like, softmax_backward_delta
+from ._sequences import compressed_sequences, token_sequences
 
 # Rows per program = BLOCK_M (tokens x G heads), keys per step = BLOCK_N. Smaller settings follow for GPUs or
 # dtypes whose shared memory does not fit the first ones.
@@ -32,18 +33,9 @@ BACKWARD_SETTINGS = (
 )
 
 
-def _positions(num_queries: int, num_keys: int, cu_seqlens, device):
-    """int64 [Tq] (position of each query within its sequence, index of its sequence or None)."""
-    tokens = torch.arange(num_queries, device=device)
-    if cu_seqlens is None:
-        return tokens + (num_keys - num_queries), None
-    sequence = torch.searchsorted(cu_seqlens[1:].long(), tokens, right=True)
-    return tokens - cu_seqlens.long()[sequence], sequence
-
-
 def window_spans(num_queries: int, num_keys: int, window_size: int, cu_seqlens, device):
     """Key spans of sliding-window attention: keys ``t - window_size < s <= t`` of t's own sequence."""
-    position, sequence = _positions(num_queries, num_keys, cu_seqlens, device)
+    position, sequence = token_sequences(num_queries, num_keys, cu_seqlens, device)
     first_key = 0 if sequence is None else cu_seqlens.long()[sequence]
     key_lo = first_key + (position - window_size + 1).clamp(min=0)
     return key_lo, first_key + position + 1
@@ -55,13 +47,11 @@ def compressed_spans(num_queries: int, seqlen_k: int, kernel_size: int, kernel_s
     With ``cu_seqlens`` the compressed sequences are packed (``fsa_compile.compress``'s layout), so a
     sequence's first compressed row is the sum of the compressed lengths before it.
     """
-    position, sequence = _positions(num_queries, seqlen_k, cu_seqlens, device)
+    position, sequence = token_sequences(num_queries, seqlen_k, cu_seqlens, device)
     visible = torch.where(position >= kernel_size - 1, (position - kernel_size + 1) // kernel_stride + 1, 0)
     if sequence is None:
         return torch.zeros_like(visible), visible
-    lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
-    num_cmp = torch.where(lengths >= kernel_size, (lengths - kernel_size) // kernel_stride + 1, 0)
-    first_row = (num_cmp.cumsum(0) - num_cmp)[sequence]
+    first_row = compressed_sequences(cu_seqlens, kernel_size, kernel_stride)[1][sequence]
     return first_row, first_row + visible
 
 

@@ -29,6 +29,7 @@ from . import _validation as check
 from ._kernels.common import next_power_of_2
 from ._kernels.select_blocks import _select_blocks_kernel
 from ._library import op_name, resolve_scale
+from ._sequences import compressed_sequences
 from .compressed_attention import compressed_segments, visible_compressed
 
 
@@ -167,8 +168,7 @@ def _tiles(q, num_cmp, kernel_size, kernel_stride, tile_tokens, cu_seqlens, seql
         start = (tile - (tile_ends - tiles_per_sequence)[sequence]) * tile_tokens
         end = bounds[1:][sequence]
         first = torch.where(tile < tile_ends[-1], bounds[:-1][sequence] + start, end)
-        compressed = torch.where(lengths >= kernel_size, (lengths - kernel_size) // kernel_stride + 1, 0)
-        tables = (first, end, start, (compressed.cumsum(0) - compressed)[sequence])
+        tables = (first, end, start, compressed_sequences(cu_seqlens, kernel_size, kernel_stride)[1][sequence])
     return [t.to(torch.int32) for t in tables]
 
 

@@ -40,6 +40,7 @@ from ._library import (
     attention_grads_like, attention_outputs_like, op_name, register_attention_autograd, resolve_scale,
     softmax_backward_delta,
 )
+from ._sequences import token_sequences
 
 # Named ``impl`` rather than ``kernel``: Inductor's FallbackKernel.create() takes a ``kernel`` argument of its
 # own and fails to lower an op with an argument of that name.
@@ -100,12 +101,9 @@ def choose_kernel(impl: str, group_size: int, num_queries: int, backward: bool =
 
 def _token_rows(q: Tensor, k: Tensor, cu_seqlens: Tensor | None) -> tuple[Tensor, Tensor]:
     """int32 [Tq] (row of each query token in k, row where its sequence starts), computed on the device."""
-    num_queries, num_keys = q.shape[1], k.shape[1]
-    tokens = torch.arange(num_queries, device=q.device, dtype=torch.int32)
-    if cu_seqlens is None:
-        return tokens + (num_keys - num_queries), torch.zeros_like(tokens)
-    sequence = torch.searchsorted(cu_seqlens[1:], tokens, right=True).clamp(max=cu_seqlens.shape[0] - 2)
-    return tokens, cu_seqlens[sequence]
+    position, sequence = token_sequences(q.shape[1], k.shape[1], cu_seqlens, q.device)
+    start = torch.zeros_like(position) if sequence is None else cu_seqlens.long()[sequence]
+    return (start + position).to(torch.int32), start.to(torch.int32)
 
 
 def _invert_indices(indices, first_token, num_queries, query_rows, sequence_starts, block_size, num_keys, batch,
