@@ -174,12 +174,12 @@ SELECTED_PATHS = (("torch", "fsa", "nsa") if DEVICE == "cpu" else ("fsa", "nsa")
 
 
 @contextlib.contextmanager
-def attention_path(path: str, forward_op, backward_op):
-    """Run ``forward_op``/``backward_op`` through ``path`` ("torch" or "triton")."""
+def attention_path(path: str, *ops):
+    """Run ``ops`` (an op and its backward op, if it has one) through ``path`` ("torch" or "triton")."""
     if path == "torch" or DEVICE != "cpu":
         yield
         return
-    with cpu_kernel_disabled(forward_op, backward_op):
+    with cpu_kernel_disabled(*ops):
         yield
 
 
@@ -190,6 +190,25 @@ def selected_attention_path(path: str):
 
     with attention_path("torch" if path == "torch" else "triton", selected_attention, selected_attention_backward):
         yield "auto" if path == "torch" else path
+
+
+def check_on_query_suffix(o, lse, inputs, ref_fn, tail: int) -> None:
+    """Realistic-size check against the float64 oracle run on the last ``tail`` queries only.
+
+    ``o, lse`` come from the op on ``inputs`` (q, k, v requiring grad); ``ref_fn(q_suffix, k, v) -> (o, lse)``.
+    The loss is put on the suffix rows, so every gradient (dk, dv included) must match the oracle's.
+    """
+    do = torch.zeros_like(o)
+    do[:, -tail:] = torch.randn_like(o[:, -tail:])
+    grads = torch.autograd.grad(o, inputs, do)
+    rq, rk, rv = (x.detach().double().requires_grad_() for x in inputs)
+    ref_o, ref_lse = ref_fn(rq[:, -tail:], rk, rv)
+    ref_grads = torch.autograd.grad(ref_o, (rq, rk, rv), do[:, -tail:].double())
+    ratio = RATIO[o.dtype]
+    assert_close("o", ref_o, o[:, -tail:], ratio)
+    assert_close("lse", ref_lse, lse[:, -tail:], ratio)
+    for name, ref_grad, grad in zip(("dq", "dk", "dv"), ref_grads, grads):
+        assert_close(name, ref_grad, grad, ratio)
 
 
 def make_small_layer(**overrides):

@@ -29,6 +29,22 @@ def test_export_keeps_fsa_ops_with_a_dynamic_length():
         torch.testing.assert_close(program.module()(x), layer(x))
 
 
+def assert_package_matches_in_a_fresh_process(program, x, y, tmp_path, imports: str) -> None:
+    """AOTInductor-package ``program``, load it in a new Python process that runs ``import {imports}``, and check
+    that it maps x to y there."""
+    package = torch._inductor.aoti_compile_and_package(program, package_path=str(tmp_path / "model.pt2"))
+    torch.save({"x": x, "y": y.detach()}, tmp_path / "io.pt")
+    script = (
+        f"import {imports}\n"
+        f"data = torch.load({str(tmp_path / 'io.pt')!r})\n"
+        f"runner = torch._inductor.aoti_load_package({package!r})\n"
+        "torch.testing.assert_close(runner(data['x']), data['y'])\n"
+        "print('matched')\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0 and "matched" in result.stdout, (result.returncode, result.stderr[-3000:])
+
+
 @pytest.mark.xfail(
     DEVICE == "cuda", strict=True,
     reason="known failure: on CUDA (torch 2.11, H200) the package builds but loading it in a fresh process ends "
@@ -38,17 +54,7 @@ def test_aoti_package_runs_in_a_fresh_process(tmp_path):
     layer = make_small_layer().eval()
     program = export_with_dynamic_length(layer, torch.randn(1, 45, 64, device=DEVICE))
     x = torch.randn(1, 77, 64, device=DEVICE)  # another length than the one exported with
-    package = torch._inductor.aoti_compile_and_package(program, package_path=str(tmp_path / "layer.pt2"))
-    torch.save({"x": x, "y": layer(x).detach()}, tmp_path / "io.pt")
-    script = (
-        "import torch, fsa_compile\n"
-        f"data = torch.load({str(tmp_path / 'io.pt')!r})\n"
-        f"runner = torch._inductor.aoti_load_package({package!r})\n"
-        "torch.testing.assert_close(runner(data['x']), data['y'])\n"
-        "print('matched')\n"
-    )
-    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0 and "matched" in result.stdout, result.stderr[-3000:]
+    assert_package_matches_in_a_fresh_process(program, x, layer(x), tmp_path, "torch, fsa_compile")
 
 
 @pytest.mark.gpu
@@ -59,14 +65,4 @@ def test_aoti_package_without_fsa_ops_runs_in_a_fresh_process(tmp_path):
     model = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.Sigmoid()).to(DEVICE).eval()
     program = torch.export.export(model, (torch.randn(4, 64, device=DEVICE),))
     x = torch.randn(4, 64, device=DEVICE)
-    package = torch._inductor.aoti_compile_and_package(program, package_path=str(tmp_path / "plain.pt2"))
-    torch.save({"x": x, "y": model(x).detach()}, tmp_path / "io.pt")
-    script = (
-        "import torch\n"
-        f"data = torch.load({str(tmp_path / 'io.pt')!r})\n"
-        f"runner = torch._inductor.aoti_load_package({package!r})\n"
-        "torch.testing.assert_close(runner(data['x']), data['y'])\n"
-        "print('matched')\n"
-    )
-    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0 and "matched" in result.stdout, (result.returncode, result.stderr[-3000:])
+    assert_package_matches_in_a_fresh_process(program, x, model(x), tmp_path, "torch")

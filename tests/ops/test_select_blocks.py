@@ -4,16 +4,13 @@ import torch
 import fsa_compile
 from fsa_compile import reference
 from fsa_compile.ops.select_blocks import select_blocks
-from tests._testing import ATTENTION_PATHS, DEVICE, SMALL_CASES, cpu_kernel_disabled, make_qkv
+from tests._testing import ATTENTION_PATHS, DEVICE, SMALL_CASES, attention_path, cpu_kernel_disabled, make_qkv
 
 
 @pytest.fixture(params=ATTENTION_PATHS)
 def path(request):
     """select_blocks through the PyTorch CPU kernel or the fused Triton kernel (interpreter on CPU)."""
-    if request.param == "torch" or DEVICE != "cpu":
-        yield request.param
-        return
-    with cpu_kernel_disabled(select_blocks):
+    with attention_path(request.param, select_blocks):
         yield request.param
 
 # (kernel_size, kernel_stride, block_size, topk, init_blocks, local_blocks)
