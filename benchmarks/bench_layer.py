@@ -8,8 +8,9 @@ top-16, window 512):
 - layer forward and forward+backward (ms, median) for NSA eager and the dense-SDPA layer (eager), peak memory;
 - a per-branch breakdown on the layer's own intermediates: projections+compression, compressed attention,
   select_blocks, selected attention, window attention (forward and forward+backward);
-- for ``--compile-seqlens``: NSA compiled (``torch.compile(fullgraph=True, dynamic=True)``) and compiled with
-  CUDA graphs (``mode="reduce-overhead"``), and the CUDA kernels launched per forward+backward, eager vs compiled.
+- for ``--compile-seqlens``: NSA compiled (``torch.compile(fullgraph=True)``, static shapes, where Inductor
+  launches the ops' Triton kernels itself, and ``dynamic=True``, where the ops stay opaque calls), each also with
+  CUDA graphs (``mode="reduce-overhead"``), and the CUDA kernels launched per forward+backward.
 Prints a table, writes JSON and a PNG plot; the card is in the JSON.
 """
 
@@ -127,26 +128,36 @@ def run_config(seqlen, group, compile_it, args):
         row[f"{name} peak MiB"] = peak_memory_mb(forward_backward(model, x, grad))
     row["breakdown"] = branch_times(layer, x)
     if compile_it:
-        compiled = torch.compile(layer, fullgraph=True, dynamic=True)
-        graphs = torch.compile(layer, fullgraph=True, dynamic=True, mode="reduce-overhead")
-        row["nsa compiled fwd+bwd"] = cuda_time_ms(forward_backward(compiled, x, grad))
-        row["nsa cudagraphs fwd+bwd"] = cuda_time_ms(forward_backward(graphs, x, grad))
         row["kernels eager fwd+bwd"] = count_cuda_kernels(forward_backward(layer, x, grad))
-        row["kernels compiled fwd+bwd"] = count_cuda_kernels(forward_backward(compiled, x, grad))
+        # static: Inductor launches the ops' Triton kernels itself; dynamic: the ops stay opaque calls.
+        for tag, dynamic in (("static", False), ("dynamic", True)):
+            torch._dynamo.reset()
+            compiled = torch.compile(layer, fullgraph=True, dynamic=dynamic)
+            graphs = torch.compile(layer, fullgraph=True, dynamic=dynamic, mode="reduce-overhead")
+            row[f"nsa compiled {tag} fwd+bwd"] = cuda_time_ms(forward_backward(compiled, x, grad))
+            row[f"nsa cudagraphs {tag} fwd+bwd"] = cuda_time_ms(forward_backward(graphs, x, grad))
+            row[f"kernels compiled {tag} fwd+bwd"] = count_cuda_kernels(forward_backward(compiled, x, grad))
     return row
 
 
 def print_table(rows):
     print(f"\n{'T':>7} {'G':>2}  {'nsa fwd':>9} {'sdpa fwd':>9} {'nsa f+b':>9} {'sdpa f+b':>9} {'speedup':>8} "
-          f"{'nsa MiB':>8} {'sdpa MiB':>8} {'compiled':>9} {'cudagraph':>9} {'kern e/c':>9}")
+          f"{'nsa MiB':>8} {'sdpa MiB':>8}")
     for r in rows:
-        compiled = f"{r['nsa compiled fwd+bwd']:8.2f}" if "nsa compiled fwd+bwd" in r else f"{'-':>8}"
-        graphs = f"{r['nsa cudagraphs fwd+bwd']:8.2f}" if "nsa cudagraphs fwd+bwd" in r else f"{'-':>8}"
-        kernels = (f"{r['kernels eager fwd+bwd']}/{r['kernels compiled fwd+bwd']}" if "kernels eager fwd+bwd" in r
-                   else "-")
         print(f"{r['seqlen']:>7} {r['group']:>2}  {r['nsa fwd']:9.2f} {r['sdpa fwd']:9.2f} {r['nsa fwd+bwd']:9.2f} "
               f"{r['sdpa fwd+bwd']:9.2f} {r['sdpa fwd+bwd'] / r['nsa fwd+bwd']:7.2f}x {r['nsa peak MiB']:8.0f} "
-              f"{r['sdpa peak MiB']:8.0f} {compiled:>9} {graphs:>9} {kernels:>9}")
+              f"{r['sdpa peak MiB']:8.0f}")
+    compiled_rows = [r for r in rows if "kernels eager fwd+bwd" in r]
+    if compiled_rows:
+        print("\nforward+backward ms (kernels launched): eager vs torch.compile (static / dynamic shapes), "
+              "plain and with CUDA graphs")
+        for r in compiled_rows:
+            parts = "  ".join(
+                f"{tag}: compiled {r[f'nsa compiled {tag} fwd+bwd']:.2f} ({r[f'kernels compiled {tag} fwd+bwd']}) "
+                f"cudagraphs {r[f'nsa cudagraphs {tag} fwd+bwd']:.2f}" for tag in ("static", "dynamic")
+            )
+            print(f"  T={r['seqlen']} G={r['group']}: eager {r['nsa fwd+bwd']:.2f} ({r['kernels eager fwd+bwd']})  "
+                  f"{parts}")
     print("\nbreakdown (ms):")
     for r in rows:
         parts = "  ".join(f"{k} {v:.2f}" for k, v in r["breakdown"].items())

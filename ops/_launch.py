@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import torch
 import triton
 
 # (kernel, launch config) -> index of the first settings that fit, so a misfit is paid once, not per call/chunk.
@@ -9,18 +10,24 @@ _FITTING_SETTINGS: dict[tuple, int] = {}
 
 
 def launch_fitting(launch, settings_chain, key):
-    """Call ``launch(settings)`` with the first settings whose kernel fits the GPU's shared memory."""
-    first = _FITTING_SETTINGS.get(key, 0)
-    for index in range(first, len(settings_chain) - 1):
+    """Call ``launch(settings)`` with the first settings whose kernel fits the GPU's shared memory.
+
+    While torch.compile traces a launch (``wrap_triton``) nothing is compiled, so no misfit shows: the traced
+    graph gets the settings that fitted in eager, else the first ones.
+    """
+    cacheable = all(isinstance(x, (str, int, float, bool, type(None), torch.dtype)) for x in key)  # not SymInts
+    first = _FITTING_SETTINGS.get(key, 0) if cacheable else 0
+    for index in range(first, len(settings_chain)):
         try:
             result = launch(settings_chain[index])
         except triton.runtime.errors.OutOfResources:
+            if index == len(settings_chain) - 1:
+                raise
             continue
-        _FITTING_SETTINGS[key] = index
+        if cacheable:
+            _FITTING_SETTINGS[key] = index
         return result
-    _FITTING_SETTINGS[key] = len(settings_chain) - 1
-    return launch(settings_chain[-1])
 
 
 def fitting_key(kernel_name, q, config):
-    return (kernel_name, q.dtype, q.device.index, *sorted(config.items()))
+    return (kernel_name, q.dtype, q.device.index, *(value for item in sorted(config.items()) for value in item))

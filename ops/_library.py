@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+import os
+from collections.abc import Callable
+
 import torch
+from torch._library.triton import set_wrap_triton_enabled
+from torch._subclasses.fake_tensor import FakeTensor
+from torch._subclasses.functional_tensor import FunctionalTensor, FunctionalTensorMode
 
 from ._torch_attention import lse_dtype
 
@@ -11,6 +17,58 @@ NAMESPACE = "fsa"
 
 def op_name(name: str) -> str:
     return f"{NAMESPACE}::{name}"
+
+
+def triton_custom_op(name: str, *, inline_when: Callable[..., bool] | None = None):
+    """Decorator: ``fsa::name`` as a ``custom_op`` whose default implementation launches Triton kernels through
+    ``torch.library.wrap_triton``. Add the CPU kernel, the fake and the autograd as for any ``custom_op``.
+
+    This is ``torch.library.triton_op`` limited to CUDA. Under ``torch.compile`` (AOTAutograd's
+    FunctionalTensorMode), a call on CUDA tensors is traced through the implementation, so Inductor sees the
+    Triton kernels and launches them from the generated code (no Python op dispatch; AOTInductor compiles them
+    into the package). Everywhere else the op stays one opaque node: CPU tensors, ``TRITON_INTERPRET=1``,
+    float64 (the PyTorch path, which reads ``cu_seqlens`` on the host), symbolic sizes (``dynamic=True``, see
+    ``_inline_triton``), ``torch.export`` (which keeps ``fsa`` nodes, like ``triton_op``), and calls where
+    ``inline_when(*args, **kwargs)`` is false.
+    ``triton_op`` itself does not fit: it registers the implementation as the fake and inlines it on every
+    device, and ``wrap_triton`` cannot trace the interpreter's kernels.
+    """
+
+    def register(implementation):
+        def eager(*args, **kwargs):
+            with set_wrap_triton_enabled(False):  # real tensors: launch directly, skip the HOP (as triton_op)
+                return implementation(*args, **kwargs)
+
+        op = torch.library.custom_op(
+            op_name(name), eager, mutates_args=(), schema=torch.library.infer_schema(implementation, mutates_args=())
+        )
+
+        def trace_kernels(mode, func, types, args, kwargs):
+            if any(t not in (torch.Tensor, FakeTensor, FunctionalTensor) for t in types):
+                return NotImplemented
+            if _inline_triton(args, kwargs) and (inline_when is None or inline_when(*args, **kwargs)):
+                with mode:
+                    return implementation(*args, **kwargs)
+            return mode.__torch_dispatch__(func, types, args, kwargs)
+
+        op.register_torch_dispatch(FunctionalTensorMode, trace_kernels)
+        return op
+
+    return register
+
+
+def _inline_triton(args, kwargs) -> bool:
+    from torch.export._trace import custom_triton_ops_decomposition_disabled
+
+    if custom_triton_ops_decomposition_disabled() or os.environ.get("TRITON_INTERPRET") == "1":
+        return False
+    tensors = [x for x in (*args, *kwargs.values()) if isinstance(x, torch.Tensor)]
+    # Symbolic sizes (dynamic=True) stay opaque: Inductor's post-grad decomposition of the traced kernels fails
+    # on them with an AssertionError in replace_by_example (pytorch/pytorch#181735; torch 2.11 to 2.13 at least).
+    return all(
+        x.device.type == "cuda" and x.dtype != torch.float64 and all(isinstance(n, int) for n in x.shape)
+        for x in tensors
+    )
 
 
 def resolve_scale(scale: float | None, head_dim: int) -> float:

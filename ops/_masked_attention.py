@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 import triton
+from torch.library import wrap_triton
 
 from ._kernels.common import next_power_of_2
 from ._kernels.masked_attention import (
@@ -91,7 +92,7 @@ def masked_attention_forward(q, k, v, key_lo, key_hi, scale: float):
     def launch(settings):
         settings = _rows(settings, config)
         grid = (triton.cdiv(num_queries, settings["BLOCK_M"] // config["GP"]), batch * config["HKV"])
-        _masked_attention_fwd_kernel[grid](
+        wrap_triton(_masked_attention_fwd_kernel)[grid](
             q, k, v, **spans, o=o, lse=lse, scale=scale, Tq=num_queries, Tk=k.shape[1], **config, **settings
         )
 
@@ -117,10 +118,10 @@ def masked_attention_backward(do, dlse, q, k, v, o, lse, key_lo, key_hi, scale: 
         settings = _rows(settings, config)
         if q.numel() > 0:
             grid = (triton.cdiv(num_queries, settings["BLOCK_M"] // config["GP"]), batch * config["HKV"])
-            _masked_attention_bwd_dq_kernel[grid](dq=dq, **common, **settings)
+            wrap_triton(_masked_attention_bwd_dq_kernel)[grid](dq=dq, **common, **settings)
         if k.numel() > 0:
             grid = (triton.cdiv(num_keys, settings["BLOCK_N"]), batch * config["HKV"])
-            _masked_attention_bwd_dkdv_kernel[grid](
+            wrap_triton(_masked_attention_bwd_dkdv_kernel)[grid](
                 query_lo=query_lo.to(torch.int32), query_hi=query_hi.to(torch.int32), dk=dk, dv=dv, **common,
                 **settings,
             )

@@ -14,7 +14,8 @@ def token_sequences(num_queries: int, num_keys: int, cu_seqlens, device):
     if cu_seqlens is None:
         return tokens + (num_keys - num_queries), None
     bounds = cu_seqlens.long()
-    sequence = torch.searchsorted(bounds[1:], tokens, right=True).clamp(max=bounds.shape[0] - 2)
+    # Not searchsorted(bounds[1:], ...): Inductor's CUDA lowering rejects sliced boundaries.
+    sequence = (torch.searchsorted(bounds, tokens, right=True) - 1).clamp(0, bounds.shape[0] - 2)
     return tokens - bounds[sequence], sequence
 
 

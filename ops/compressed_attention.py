@@ -21,7 +21,9 @@ from torch import Tensor
 from . import _torch_attention as torch_attention
 from . import _validation as check
 from ._masked_attention import compressed_spans, masked_attention_backward, masked_attention_forward
-from ._library import attention_grads_like, attention_outputs_like, op_name, register_attention_autograd, resolve_scale
+from ._library import (
+    attention_grads_like, attention_outputs_like, register_attention_autograd, resolve_scale, triton_custom_op,
+)
 
 
 def _check_inputs(q, k_cmp, v_cmp, kernel_size, kernel_stride, scale, cu_seqlens, seqlen_k) -> None:
@@ -74,7 +76,7 @@ def _plan(q, kernel_size, kernel_stride, cu_seqlens, seqlen_k):
     return segments, select_keys, chunk
 
 
-@torch.library.custom_op(op_name("compressed_attention"), mutates_args=())
+@triton_custom_op("compressed_attention")
 def compressed_attention(
     q: Tensor, k_cmp: Tensor, v_cmp: Tensor, kernel_size: int, kernel_stride: int,
     scale: float | None = None, cu_seqlens: Tensor | None = None, seqlen_k: int | None = None,
@@ -110,7 +112,7 @@ def _(q, k_cmp, v_cmp, kernel_size, kernel_stride, scale=None, cu_seqlens=None, 
     return attention_outputs_like(q, v_cmp.shape[-1])
 
 
-@torch.library.custom_op(op_name("compressed_attention_backward"), mutates_args=())
+@triton_custom_op("compressed_attention_backward")
 def compressed_attention_backward(
     do: Tensor, dlse: Tensor | None, q: Tensor, k_cmp: Tensor, v_cmp: Tensor, o: Tensor, lse: Tensor,
     kernel_size: int, kernel_stride: int, scale: float | None = None, cu_seqlens: Tensor | None = None,

@@ -23,12 +23,13 @@ from __future__ import annotations
 import torch
 import triton
 from torch import Tensor
+from torch.library import wrap_triton
 
 from . import _torch_attention as torch_attention
 from . import _validation as check
 from ._kernels.common import next_power_of_2
 from ._kernels.select_blocks import _select_blocks_kernel
-from ._library import op_name, resolve_scale
+from ._library import resolve_scale, triton_custom_op
 from ._sequences import compressed_sequences
 from .compressed_attention import compressed_segments, visible_compressed
 
@@ -124,7 +125,7 @@ def _select_blocks_torch(
     return out
 
 
-@torch.library.custom_op(op_name("select_blocks"), mutates_args=())
+@triton_custom_op("select_blocks")
 def select_blocks(
     q: Tensor, k_cmp: Tensor, lse: Tensor, kernel_size: int, kernel_stride: int, block_size: int, topk: int,
     init_blocks: int, local_blocks: int, scale: float | None = None, cu_seqlens: Tensor | None = None,
@@ -206,7 +207,7 @@ def _select_blocks_triton(
     indices = torch.empty(batch, num_queries, hkv, topk, dtype=torch.int32, device=q.device)
     if q.numel() == 0:
         return indices
-    _select_blocks_kernel[(tables[0].shape[0], hkv)](
+    wrap_triton(_select_blocks_kernel)[(tables[0].shape[0], hkv)](
         q, k_cmp, lse, *tables, indices, resolve_scale(scale, d),
         HQ=hq, HKV=hkv, G=group, GP=group_padded, D=d, BLOCK_D=next_power_of_2(d), KERNEL_SIZE=kernel_size,
         KERNEL_STRIDE=kernel_stride, BS=block_size, TOPK=topk, TOPKP=topk_padded, INIT_BLOCKS=init_blocks,

@@ -25,6 +25,7 @@ from __future__ import annotations
 import torch
 import triton
 from torch import Tensor
+from torch.library import wrap_triton
 
 from . import _torch_attention as torch_attention
 from . import _validation as check
@@ -37,8 +38,8 @@ from ._kernels.selected_fsa import (
 from ._kernels.selected_nsa import _selected_attention_nsa_bwd_kernel, _selected_attention_nsa_fwd_kernel
 from ._launch import fitting_key, launch_fitting
 from ._library import (
-    attention_grads_like, attention_outputs_like, op_name, register_attention_autograd, resolve_scale,
-    softmax_backward_delta,
+    attention_grads_like, attention_outputs_like, register_attention_autograd, resolve_scale,
+    softmax_backward_delta, triton_custom_op,
 )
 from ._sequences import token_sequences
 
@@ -198,7 +199,7 @@ def _selected_attention_fwd(q, k, v, indices, block_size, scale, cu_seqlens, imp
     o, lse = attention_outputs_like(q, v.shape[-1])
     if choose_kernel(impl, group, num_queries) == "nsa":
         launch_fitting(
-            lambda settings: _selected_attention_nsa_fwd_kernel[(num_queries, batch * hkv)](
+            lambda settings: wrap_triton(_selected_attention_nsa_fwd_kernel)[(num_queries, batch * hkv)](
                 q=q, k=k, v=v, indices=indices, query_rows=query_rows, sequence_starts=sequence_starts, o=o,
                 lse=lse, scale=scale, Tq=num_queries, Tk=k.shape[1], BLOCK_G=next_power_of_2(group), **config,
                 **settings,
@@ -212,6 +213,11 @@ def _selected_attention_fwd(q, k, v, indices, block_size, scale, cu_seqlens, imp
     bytes_per_token = hkv * topk * group * (v.shape[-1] * q.element_size() + 4)
     chunk = max(1, FSA_PARTIAL_BYTES // bytes_per_token)
     flat_indices = indices.view(batch * num_queries, hkv, topk)
+    if batch * num_queries <= chunk:  # a guard, not a specialisation, when T is symbolic under torch.compile
+        _selected_attention_fsa_fwd_chunk(
+            q, k, v, flat_indices, 0, o, lse, scale, config, cu_seqlens, query_rows, sequence_starts, block_size
+        )
+        return o, lse
     for first_token in range(0, batch * num_queries, chunk):
         num_tokens = min(chunk, batch * num_queries - first_token)
         _selected_attention_fsa_fwd_chunk(
@@ -235,7 +241,7 @@ def _selected_attention_fsa_fwd_chunk(
         work, work_config = _fsa_work(
             k, indices, first_token, num_queries, cu_seqlens, query_rows, sequence_starts, block_size, group, settings
         )
-        _selected_attention_fsa_fwd_kernel[(work["item_keys"].shape[0],)](
+        wrap_triton(_selected_attention_fsa_fwd_kernel)[(work["item_keys"].shape[0],)](
             q=q, k=k, v=v, **work, query_rows=query_rows, o_partial=o_partial, lse_partial=lse_partial,
             scale=scale, first_token=first_token, Tq=num_queries, Tk=k.shape[1], **config, **work_config,
         )
@@ -243,7 +249,7 @@ def _selected_attention_fsa_fwd_chunk(
 
     work_config = launch_fitting(launch, (FSA_FWD, *FSA_FALLBACKS), fitting_key("fsa_fwd", q, config))
     block_r = max(16, work_config["GP"])
-    _selected_attention_fsa_merge_kernel[(triton.cdiv(num_tokens, block_r // work_config["GP"]), hkv)](
+    wrap_triton(_selected_attention_fsa_merge_kernel)[(triton.cdiv(num_tokens, block_r // work_config["GP"]), hkv)](
         o_partial=o_partial, lse_partial=lse_partial, o=o, lse=lse, first_token=first_token, num_tokens=num_tokens,
         HKV=hkv, G=group, GP=work_config["GP"], TOPK=topk, DV=v.shape[-1], BLOCK_R=block_r,
         BLOCK_DV=config["BLOCK_DV"],
@@ -268,7 +274,7 @@ def _selected_attention_bwd(do, dlse, q, k, v, o, lse, indices, block_size, scal
     if choose_kernel(impl, hq // hkv, num_queries, backward=True) == "nsa":
         dq = torch.empty_like(q)
         launch_fitting(
-            lambda settings: _selected_attention_nsa_bwd_kernel[(num_queries, batch * hkv)](
+            lambda settings: wrap_triton(_selected_attention_nsa_bwd_kernel)[(num_queries, batch * hkv)](
                 q=q, k=k, v=v, do=do, lse=lse.contiguous(), delta=delta, indices=indices, query_rows=query_rows,
                 sequence_starts=sequence_starts, dq=dq, dk=dk, dv=dv, scale=scale, Tq=num_queries, Tk=k.shape[1],
                 BLOCK_G=next_power_of_2(hq // hkv), **config, **settings,
@@ -284,7 +290,7 @@ def _selected_attention_bwd(do, dlse, q, k, v, o, lse, indices, block_size, scal
             k, indices.view(batch * num_queries, hkv, -1), 0, num_queries, cu_seqlens, query_rows, sequence_starts,
             block_size, hq // hkv, settings,
         )
-        _selected_attention_fsa_bwd_kernel[(work["item_keys"].shape[0],)](
+        wrap_triton(_selected_attention_fsa_bwd_kernel)[(work["item_keys"].shape[0],)](
             q=q, k=k, v=v, do=do, lse=lse.contiguous(), delta=delta, **work, query_rows=query_rows, dq=dq, dk=dk,
             dv=dv, scale=scale, first_token=0, Tq=num_queries, Tk=k.shape[1], **config, **work_config,
         )
@@ -293,7 +299,7 @@ def _selected_attention_bwd(do, dlse, q, k, v, o, lse, indices, block_size, scal
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
 
 
-@torch.library.custom_op(op_name("selected_attention"), mutates_args=())
+@triton_custom_op("selected_attention")
 def selected_attention(
     q: Tensor, k: Tensor, v: Tensor, indices: Tensor, block_size: int,
     scale: float | None = None, cu_seqlens: Tensor | None = None, impl: str = "auto",
@@ -321,7 +327,11 @@ def _(q, k, v, indices, block_size, scale=None, cu_seqlens=None, impl="auto"):
     return attention_outputs_like(q, v.shape[-1])
 
 
-@torch.library.custom_op(op_name("selected_attention_backward"), mutates_args=())
+# Under torch.use_deterministic_algorithms(True) the backward runs the PyTorch kernel (see
+# _selected_attention_bwd), which torch.compile must not trace through.
+@triton_custom_op(
+    "selected_attention_backward", inline_when=lambda *args, **kwargs: not torch.are_deterministic_algorithms_enabled()
+)
 def selected_attention_backward(
     do: Tensor, dlse: Tensor | None, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor,
     indices: Tensor, block_size: int, scale: float | None = None, cu_seqlens: Tensor | None = None,

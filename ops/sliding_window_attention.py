@@ -16,7 +16,9 @@ from torch import Tensor
 from . import _torch_attention as torch_attention
 from . import _validation as check
 from ._masked_attention import masked_attention_backward, masked_attention_forward, window_spans
-from ._library import attention_grads_like, attention_outputs_like, op_name, register_attention_autograd, resolve_scale
+from ._library import (
+    attention_grads_like, attention_outputs_like, register_attention_autograd, resolve_scale, triton_custom_op,
+)
 
 
 def _check_inputs(q, k, v, window_size, scale, cu_seqlens) -> None:
@@ -42,7 +44,7 @@ def _plan(q, k, window_size, cu_seqlens):
     return segments, select_keys, chunk
 
 
-@torch.library.custom_op(op_name("sliding_window_attention"), mutates_args=())
+@triton_custom_op("sliding_window_attention")
 def sliding_window_attention(
     q: Tensor, k: Tensor, v: Tensor, window_size: int, scale: float | None = None, cu_seqlens: Tensor | None = None
 ) -> tuple[Tensor, Tensor]:
@@ -70,7 +72,7 @@ def _(q, k, v, window_size, scale=None, cu_seqlens=None):
     return attention_outputs_like(q, v.shape[-1])
 
 
-@torch.library.custom_op(op_name("sliding_window_attention_backward"), mutates_args=())
+@triton_custom_op("sliding_window_attention_backward")
 def sliding_window_attention_backward(
     do: Tensor, dlse: Tensor | None, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor,
     window_size: int, scale: float | None = None, cu_seqlens: Tensor | None = None,

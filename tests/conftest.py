@@ -30,6 +30,8 @@ def _nan_poisoned_empty(monkeypatch):
     """Library allocations made with torch.empty* start as NaN (or -77 for integers): unwritten output fails."""
 
     def poison(tensor):
+        if type(tensor) is not torch.Tensor:  # fake/functional tensors while torch.compile traces a launcher
+            return tensor
         with torch.no_grad():  # callers may ask for requires_grad=True
             if tensor.is_floating_point():
                 tensor.fill_(float("nan"))

@@ -1,10 +1,13 @@
 """torch.compile through the ops: no graph breaks, eager numerics, no recompiles when T changes."""
 
+import re
+
 import pytest
 import torch
 from torch._dynamo.testing import CompileCounterWithBackend
+from torch._inductor.utils import run_and_get_code
 
-from tests._testing import DEVICE, make_cu_seqlens, make_small_layer
+from tests._testing import DEVICE, RATIO, assert_close, make_cu_seqlens, make_small_layer
 
 
 @pytest.fixture(autouse=True)
@@ -98,3 +101,50 @@ def test_reduce_overhead_cuda_graphs_match_eager():
         (got,) = torch.autograd.grad(out.square().sum(), x)
         (expected,) = torch.autograd.grad(want.square().sum(), x)
         torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
+
+
+# The Triton kernels of each fsa op, forward and backward (ops/_kernels/).
+FSA_TRITON_KERNELS = {
+    "_masked_attention_fwd_kernel", "_masked_attention_bwd_dq_kernel", "_masked_attention_bwd_dkdv_kernel",
+    "_select_blocks_kernel",
+}
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(DEVICE != "cuda", reason="the ops are traced into Triton kernels on CUDA only")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("dynamic", [False, True], ids=["static", "dynamic"])
+def test_cuda_compile_launches_the_triton_kernels_from_generated_code(dtype, dynamic):
+    """On CUDA with static shapes, Inductor traces the ops through their launchers
+    (ops/_library.triton_custom_op): the generated code launches our Triton kernels itself, forward and
+    backward, with no torch.ops.fsa call left. With dynamic=True the ops stay opaque calls (a torch bug, see
+    _library._inline_triton). Both match eager."""
+    layer = make_small_layer().to(dtype)
+    compiled = torch.compile(layer, fullgraph=True, dynamic=dynamic)
+
+    def step(x):
+        out = compiled(x)
+        out.float().square().sum().backward()
+        return out
+
+    x = torch.randn(2, 77, 64, device=DEVICE, dtype=dtype, requires_grad=True)
+    with torch._inductor.config.patch(force_disable_caches=True):
+        out, codes = run_and_get_code(step, x)
+    code = "\n".join(codes)
+    fsa_calls = set(re.findall(r"torch\.ops\.fsa\.(\w+)", code))
+    launched = set(re.findall(r"(_\w+_kernel)", code))
+    if dynamic:
+        assert {"compressed_attention", "select_blocks", "selected_attention", "sliding_window_attention"} <= fsa_calls
+    else:
+        assert not fsa_calls, fsa_calls
+        assert FSA_TRITON_KERNELS <= launched, FSA_TRITON_KERNELS - launched
+        assert any(name.startswith("_selected_attention_") for name in launched), sorted(launched)
+    got = [x.grad, *(p.grad for p in layer.parameters())]
+    layer.zero_grad()
+    x_eager = x.detach().requires_grad_()
+    want = layer(x_eager)
+    want.float().square().sum().backward()
+    # Relative RMS: in bf16 the compiled projections round differently, which may flip a near-tied selection.
+    assert_close("out", want, out, RATIO[dtype])
+    for i, (g, e) in enumerate(zip(got, [x_eager.grad, *(p.grad for p in layer.parameters())])):
+        assert_close(f"grad {i}", e, g, RATIO[dtype])

@@ -21,29 +21,29 @@ import triton.language as tl
 from .common import finish_softmax, load_gradient_rows, masked_scores, online_softmax_step
 
 
+# The index helpers take no pointer: Inductor's mutation analysis of a user kernel counts every tensor passed
+# to a helper whose result feeds a store address as written, and would clone it (q!) before each launch.
 @triton.jit
-def _query_rows(tile, Tq, HQ: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, BLOCK_M: tl.constexpr):
-    """Tokens [BLOCK_M] of the rows of a tile, their head within the group and whether the row is real."""
+def _query_tile(tile, bh, Tq, HQ: tl.constexpr, HKV: tl.constexpr, G: tl.constexpr, GP: tl.constexpr,
+                BLOCK_M: tl.constexpr):
+    """A program's query rows: batch row, KV head, token [BLOCK_M] and flat (token, head) row of each, validity."""
+    b, h = (bh // HKV).to(tl.int64), bh % HKV
     offs_m = tl.arange(0, BLOCK_M)
     token = tile * (BLOCK_M // GP) + offs_m // GP
     head = offs_m % GP
-    return token, head, (token < Tq) & (head < G)
+    rows = (b * Tq + token) * HQ + h * G + head
+    return b, h, token, rows, (token < Tq) & (head < G)
 
 
 @triton.jit
-def _query_tile(q, key_lo, key_hi, tile, bh, Tq, Tk, HQ: tl.constexpr, HKV: tl.constexpr, G: tl.constexpr,
-                GP: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
-    """A program's query tile: batch row, KV head, flat row of each (token, head), row validity, the row's key
-    span and q [BLOCK_M, BLOCK_D]. Rows past Tq get the empty span [Tk, 0): they neither widen the key loop
-    nor see a key."""
-    b, h = (bh // HKV).to(tl.int64), bh % HKV
-    token, head, row_valid = _query_rows(tile, Tq, HQ, G, GP, BLOCK_M)
-    rows = (b * Tq + token) * HQ + h * G + head
+def _load_query_tile(q, key_lo, key_hi, token, rows, row_valid, Tq, Tk, D: tl.constexpr, BLOCK_D: tl.constexpr):
+    """q [BLOCK_M, BLOCK_D] and each row's key span. Rows past Tq get the empty span [Tk, 0): they neither widen
+    the key loop nor see a key."""
     offs_d = tl.arange(0, BLOCK_D)
     qv = tl.load(q + rows[:, None] * D + offs_d[None, :], mask=row_valid[:, None] & (offs_d[None, :] < D), other=0.0)
     lo_row = tl.load(key_lo + token, mask=token < Tq, other=Tk)
     hi_row = tl.load(key_hi + token, mask=token < Tq, other=0)
-    return b, h, rows, row_valid, lo_row, hi_row, qv
+    return lo_row, hi_row, qv
 
 
 @triton.jit
@@ -53,9 +53,9 @@ def _masked_attention_fwd_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
 ):
-    b, h, rows, row_valid, lo_row, hi_row, qv = _query_tile(
-        q, key_lo, key_hi, tl.program_id(0), tl.program_id(1), Tq, Tk, HQ, HKV, G, GP, D, BLOCK_M, BLOCK_D
-    )
+    b, h, token, rows, row_valid = _query_tile(tl.program_id(0), tl.program_id(1), Tq, HQ, HKV, G, GP, BLOCK_M)
+    lo_row, hi_row, qv = _load_query_tile(q, key_lo, key_hi, token, rows, row_valid, Tq, Tk, D, BLOCK_D)
+    scale = tl.cast(scale, tl.float32)  # Inductor may pass a Python float argument as fp64
     qk_scale = scale * 1.4426950408889634
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
@@ -88,9 +88,9 @@ def _masked_attention_bwd_dq_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
 ):
-    b, h, rows, row_valid, lo_row, hi_row, qv = _query_tile(
-        q, key_lo, key_hi, tl.program_id(0), tl.program_id(1), Tq, Tk, HQ, HKV, G, GP, D, BLOCK_M, BLOCK_D
-    )
+    b, h, token, rows, row_valid = _query_tile(tl.program_id(0), tl.program_id(1), Tq, HQ, HKV, G, GP, BLOCK_M)
+    lo_row, hi_row, qv = _load_query_tile(q, key_lo, key_hi, token, rows, row_valid, Tq, Tk, D, BLOCK_D)
+    scale = tl.cast(scale, tl.float32)  # Inductor may pass a Python float argument as fp64
     qk_scale = scale * 1.4426950408889634
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
@@ -123,6 +123,7 @@ def _masked_attention_bwd_dkdv_kernel(
 ):
     bh = tl.program_id(1)
     b, h = (bh // HKV).to(tl.int64), bh % HKV
+    scale = tl.cast(scale, tl.float32)  # Inductor may pass a Python float argument as fp64
     qk_scale = scale * 1.4426950408889634
     offs_m = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)

@@ -46,6 +46,7 @@ def _select_blocks_kernel(
     end_row = tl.load(tile_end_row + tile).to(tl.int64)
     first_position = tl.load(tile_position + tile)
     cmp_row = tl.load(tile_cmp_row + tile).to(tl.int64)
+    scale = tl.cast(scale, tl.float32)  # Inductor may pass a Python float argument as fp64
     qk_scale = scale * 1.4426950408889634
     M: tl.constexpr = BLOCK_T * GP
 
