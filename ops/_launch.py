@@ -15,7 +15,7 @@ def launch_fitting(launch, settings_chain, key):
     While torch.compile traces a launch (``wrap_triton``) nothing is compiled, so no misfit shows: the traced
     graph gets the settings that fitted in eager, else the first ones.
     """
-    cacheable = all(isinstance(x, (str, int, float, bool, type(None), torch.dtype)) for x in key)  # not SymInts
+    cacheable = not any(isinstance(x, (torch.SymInt, torch.SymFloat, torch.SymBool)) for x in key)
     first = _FITTING_SETTINGS.get(key, 0) if cacheable else 0
     for index in range(first, len(settings_chain)):
         try:

@@ -126,10 +126,13 @@ def _invert_indices(indices, first_token, num_queries, query_rows, sequence_star
     batch_head = (tokens // num_queries).view(-1, 1, 1) * hkv + torch.arange(hkv, device=device).view(1, -1, 1)
     num_block_keys = batch * hkv * num_keys
     keys = torch.where(valid, batch_head * num_keys + start + blocks * block_size, num_block_keys).flatten()
+    if num_block_keys < 2**31 - 1:
+        keys = keys.to(torch.int32)  # half the radix-sort passes of int64 keys
     sorted_keys, sorted_entries = torch.sort(keys, stable=True)
     # Entries of block key j: sorted positions [entry_bounds[j], entry_bounds[j + 1]). Not a histogram by
     # index_add_: torch.compile lowers that to a sort-based index_put_ that costs ~8 ms at T=64K.
-    entry_bounds = torch.searchsorted(sorted_keys, torch.arange(num_block_keys + 1, device=device))
+    block_keys = torch.arange(num_block_keys + 1, device=device, dtype=keys.dtype)
+    entry_bounds = torch.searchsorted(sorted_keys, block_keys)
     entry_ends = entry_bounds[1:]
     counts = entry_ends - entry_bounds[:-1]
     items_per_key = (counts + block_q - 1) // block_q
