@@ -34,6 +34,7 @@ from ._kernels.selected_fsa import (
     _selected_attention_fsa_bwd_kernel,
     _selected_attention_fsa_fwd_kernel,
     _selected_attention_fsa_merge_kernel,
+    _selection_keys_kernel,
 )
 from ._kernels.selected_nsa import _selected_attention_nsa_bwd_kernel, _selected_attention_nsa_fwd_kernel
 from ._launch import fitting_key, launch_fitting
@@ -118,16 +119,15 @@ def _invert_indices(indices, first_token, num_queries, query_rows, sequence_star
     """
     num_tokens, hkv, topk = indices.shape
     device = indices.device
-    tokens = first_token + torch.arange(num_tokens, device=device)
-    t = tokens % num_queries
-    blocks = indices.long()
-    start = sequence_starts.long()[t].view(-1, 1, 1)
-    valid = (blocks >= 0) & (blocks <= ((query_rows.long()[t].view(-1, 1, 1) - start) // block_size))
-    batch_head = (tokens // num_queries).view(-1, 1, 1) * hkv + torch.arange(hkv, device=device).view(1, -1, 1)
     num_block_keys = batch * hkv * num_keys
-    keys = torch.where(valid, batch_head * num_keys + start + blocks * block_size, num_block_keys).flatten()
-    if num_block_keys < 2**31 - 1:
-        keys = keys.to(torch.int32)  # half the radix-sort passes of int64 keys
+    # int32 keys when they fit: half the radix-sort passes of int64.
+    keys = torch.empty(indices.numel(), dtype=torch.int32 if num_block_keys < 2**31 - 1 else torch.int64,
+                       device=device)
+    if keys.numel() > 0:
+        wrap_triton(_selection_keys_kernel)[(triton.cdiv(keys.numel(), 1024),)](
+            indices, query_rows, sequence_starts, keys, first_token, keys.numel(), num_block_keys, num_queries,
+            num_keys, HKV=hkv, TOPK=topk, BS=block_size, BLOCK=1024,
+        )
     sorted_keys, sorted_entries = torch.sort(keys, stable=True)
     # Entries of block key j: sorted positions [entry_bounds[j], entry_bounds[j + 1]). Not a histogram by
     # index_add_: torch.compile lowers that to a sort-based index_put_ that costs ~8 ms at T=64K.

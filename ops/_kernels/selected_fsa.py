@@ -1,8 +1,8 @@
 """KV-block-centric selected attention (the FSA kernels).
 
-The host inverts the indices (``ops/selected_attention.py::_invert_indices``): every valid (query token, KV
-head, slot) entry gets the key ``(b * HKV + h) * Tk + first_row_of_its_block``; entries are sorted by key and
-cut into work items of at most ``BLOCK_Q * TILES`` entries of one key. A program takes one work item: it loads
+``ops/selected_attention.py::_invert_indices`` inverts the indices on the device: every valid (query token, KV
+head, slot) entry gets the key ``(b * HKV + h) * Tk + first_row_of_its_block`` (``_selection_keys_kernel``);
+entries are sorted by key and cut into work items of at most ``BLOCK_Q * TILES`` entries of one key. A program takes one work item: it loads
 its KV block once and streams the entries through tensor-core dots ``BLOCK_Q`` at a time; each step holds
 ``BLOCK_M = BLOCK_Q * GP`` query rows (``GP`` = G rounded up to a power of two), so the dots are full at any G.
 
@@ -22,6 +22,26 @@ import triton
 import triton.language as tl
 
 from .common import finish_softmax, finite_or_zero, load_gradient_rows, masked_scores
+
+
+@triton.jit
+def _selection_keys_kernel(
+    indices, query_rows, sequence_starts, keys, first_token, num_entries, invalid_key, Tq, Tk,
+    HKV: tl.constexpr, TOPK: tl.constexpr, BS: tl.constexpr, BLOCK: tl.constexpr,
+):
+    """keys [E]: the sort key of each entry of ``indices [N, HKV, TOPK]`` (the tokens from first_token), or
+    ``invalid_key`` for -1 padding, out-of-range and future blocks (they are never read)."""
+    entry = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    in_range = entry < num_entries
+    token = first_token + entry // (HKV * TOPK)  # b * Tq + t
+    h = (entry // TOPK) % HKV
+    t = token % Tq
+    block = tl.load(indices + entry, mask=in_range, other=-1).to(tl.int64)
+    sequence_start = tl.load(sequence_starts + t, mask=in_range, other=0).to(tl.int64)
+    last_block = (tl.load(query_rows + t, mask=in_range, other=0) - sequence_start) // BS
+    key = ((token // Tq) * HKV + h) * Tk + sequence_start + block * BS
+    key = tl.where((block >= 0) & (block <= last_block), key, invalid_key)
+    tl.store(keys + entry, key.to(keys.dtype.element_ty), mask=in_range)
 
 
 @triton.jit
