@@ -6,10 +6,13 @@ import os
 from collections.abc import Callable
 
 import torch
+import triton
 from torch._library.triton import set_wrap_triton_enabled
 from torch._subclasses.fake_tensor import FakeTensor
 from torch._subclasses.functional_tensor import FunctionalTensor, FunctionalTensorMode
+from torch.library import wrap_triton
 
+from ._kernels.common import next_power_of_2, softmax_backward_delta_kernel
 from ._torch_attention import lse_dtype
 
 NAMESPACE = "fsa"
@@ -88,9 +91,17 @@ def attention_grads_like(q, k, v) -> tuple[torch.Tensor, torch.Tensor, torch.Ten
 
 def softmax_backward_delta(do: torch.Tensor, o: torch.Tensor, dlse: torch.Tensor | None) -> torch.Tensor:
     """float32 [B, Tq, Hq]: ``rowsum(do * o) - dlse``, the per-row term of the attention backward
-    (``ds = p * (dp - delta)``); dlse may be None."""
-    delta = (do.float() * o.float()).sum(-1)
-    return delta if dlse is None else delta - dlse.float()
+    (``ds = p * (dp - delta)``); dlse may be None. One Triton pass over do and o."""
+    do, o = do.contiguous(), o.contiguous()
+    delta = torch.empty(o.shape[:-1], dtype=torch.float32, device=o.device)
+    num_rows, value_dim = delta.numel(), o.shape[-1]
+    if num_rows > 0:
+        block_rows = 32
+        wrap_triton(softmax_backward_delta_kernel)[(triton.cdiv(num_rows, block_rows),)](
+            do, o, delta if dlse is None else dlse.contiguous(), delta, num_rows, DV=value_dim,
+            HAS_DLSE=dlse is not None, BLOCK_R=block_rows, BLOCK_DV=next_power_of_2(value_dim),
+        )
+    return delta
 
 
 def register_attention_autograd(forward_op, backward_op) -> None:

@@ -1,4 +1,4 @@
-"""Shared ``@triton.jit`` helpers of the attention kernels."""
+"""Shared ``@triton.jit`` helpers of the attention kernels, and the backward's row-delta kernel."""
 
 import triton
 import triton.language as tl
@@ -50,6 +50,25 @@ def load_gradient_rows(do, lse, delta, rows, row_mask, DV: tl.constexpr, BLOCK_D
     lse2 = finite_or_zero(tl.load(lse + rows, mask=row_mask, other=0.0)) * 1.4426950408889634
     row_delta = tl.load(delta + rows, mask=row_mask, other=0.0)
     return dov, lse2, row_delta
+
+
+@triton.jit
+def softmax_backward_delta_kernel(
+    do, o, dlse, delta, num_rows, DV: tl.constexpr, HAS_DLSE: tl.constexpr, BLOCK_R: tl.constexpr,
+    BLOCK_DV: tl.constexpr,
+):
+    """delta [R] (float32) = rowsum(do * o) - dlse over rows of do, o [R, DV]; dlse [R] is read if HAS_DLSE."""
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    row_mask = rows < num_rows
+    mask = row_mask[:, None] & (offs_dv[None, :] < DV)
+    offsets = rows[:, None] * DV + offs_dv[None, :]
+    dov = tl.load(do + offsets, mask=mask, other=0.0).to(tl.float32)
+    ov = tl.load(o + offsets, mask=mask, other=0.0).to(tl.float32)
+    row_delta = tl.sum(dov * ov, 1)
+    if HAS_DLSE:
+        row_delta -= tl.load(dlse + rows, mask=row_mask, other=0.0).to(tl.float32)
+    tl.store(delta + rows, row_delta, mask=row_mask)
 
 
 def next_power_of_2(n: int, minimum: int = 16) -> int:
