@@ -3,8 +3,9 @@
     python benchmarks/tune_layer_kernels.py --seqlen 65536 --groups 1 4
 
 bf16, Hkv = 4, D = 128, the layer's defaults (kernel 32/16, block 64, top-16, window 512). Prints ms per
-setting; the winners go into ``FORWARD_SETTINGS`` / ``BACKWARD_SETTINGS`` (``ops/_masked_attention.py``) and
-``SELECT_LAUNCH`` (``ops/select_blocks.py``).
+setting; the winners go into ``FORWARD_SETTINGS`` / ``DQ_SETTINGS`` / ``DKDV_SETTINGS``
+(``ops/_masked_attention.py``) and ``SELECT_LAUNCH`` (``ops/select_blocks.py``). The backward is timed whole
+while one of its two kernels sweeps and the other keeps its tuned setting.
 """
 
 from __future__ import annotations
@@ -24,8 +25,12 @@ select = sys.modules["fsa_compile.ops.select_blocks"]
 launch = sys.modules["fsa_compile.ops._launch"]
 
 FORWARD = [(128, 64, 8, 2), (128, 64, 4, 2), (64, 64, 4, 2), (128, 128, 8, 2), (64, 32, 4, 3), (128, 32, 4, 3)]
-BACKWARD = [(64, 64, 4, 2), (64, 128, 8, 2), (128, 64, 8, 2), (32, 64, 4, 2), (64, 64, 8, 1), (128, 128, 8, 1),
-            (64, 32, 4, 2)]
+# (BLOCK_M, BLOCK_N, num_warps, num_stages). dq: BLOCK_M rows per program, BLOCK_N keys per step. dk/dv:
+# BLOCK_N keys per program, BLOCK_M rows per step.
+DQ = [(64, 64, 4, 2), (128, 32, 4, 2), (128, 64, 8, 2), (128, 32, 8, 3), (64, 32, 4, 3), (128, 64, 4, 2),
+      (64, 64, 4, 3)]
+DKDV = [(64, 64, 4, 2), (32, 128, 4, 2), (32, 128, 8, 2), (64, 128, 8, 2), (32, 64, 4, 3), (16, 128, 4, 2),
+        (64, 128, 4, 2), (64, 64, 4, 3)]
 SELECT = [(64, 4, 2), (32, 4, 2), (128, 4, 2), (64, 8, 2), (128, 8, 2), (64, 4, 1), (16, 4, 2)]
 
 
@@ -40,6 +45,7 @@ def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--seqlen", type=int, default=65536)
     parser.add_argument("--groups", type=int, nargs="+", default=[1, 4])
+    parser.add_argument("--sweeps", nargs="+", default=["fwd", "bwd", "select"], choices=["fwd", "bwd", "select"])
     args = parser.parse_args()
     print(device_meta()["device"])
     T, hkv, d = args.seqlen, 4, 128
@@ -57,20 +63,25 @@ def main():
         for name, op in ops.items():
             o, lse = op()
             do = torch.randn_like(o)
-            for setting in FORWARD:
+            tuned_forward = masked.FORWARD_SETTINGS
+            for setting in FORWARD if "fwd" in args.sweeps else ():
                 masked.FORWARD_SETTINGS = (dict(zip(("BLOCK_M", "BLOCK_N", "num_warps", "num_stages"), setting)),)
                 launch._FITTING_SETTINGS.clear()
                 with torch.no_grad():
                     print(f"G={group} {name:10s} fwd {setting}: {timed(op)} ms")
-            for setting in BACKWARD:
-                masked.BACKWARD_SETTINGS = (dict(zip(("BLOCK_M", "BLOCK_N", "num_warps", "num_stages"), setting)),)
-                launch._FITTING_SETTINGS.clear()
-                inputs = (q, k_cmp, v_cmp) if name == "compressed" else (q, k, v)
-                print(f"G={group} {name:10s} bwd {setting}: "
-                      f"{timed(lambda: torch.autograd.grad(o, inputs, do, retain_graph=True))} ms")
+            masked.FORWARD_SETTINGS = tuned_forward
+            inputs = (q, k_cmp, v_cmp) if name == "compressed" else (q, k, v)
+            for kernel, sweep in (("DQ_SETTINGS", DQ), ("DKDV_SETTINGS", DKDV)) if "bwd" in args.sweeps else ():
+                tuned = getattr(masked, kernel)
+                for setting in sweep:
+                    setattr(masked, kernel, (dict(zip(("BLOCK_M", "BLOCK_N", "num_warps", "num_stages"), setting)),))
+                    launch._FITTING_SETTINGS.clear()
+                    print(f"G={group} {name:10s} bwd {kernel[:-9].lower():4s} {setting}: "
+                          f"{timed(lambda: torch.autograd.grad(o, inputs, do, retain_graph=True))} ms")
+                setattr(masked, kernel, tuned)
         with torch.no_grad():
             _, lse = fsa_compile.compressed_attention(q, k_cmp, v_cmp, 32, 16)
-            for setting in SELECT:
+            for setting in SELECT if "select" in args.sweeps else ():
                 select.SELECT_LAUNCH = dict(zip(("rows", "num_warps", "num_stages"), setting))
                 print(f"G={group} select         {setting}: "
                       f"{timed(lambda: fsa_compile.select_blocks(q, k_cmp, lse, 32, 16, 64, 16, 1, 2))} ms")

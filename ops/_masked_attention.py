@@ -28,7 +28,13 @@ FORWARD_SETTINGS = (
     dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2),
     dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=1),
 )
-BACKWARD_SETTINGS = (
+# Backward: the dq kernel tiles like the forward (BLOCK_M rows per program, BLOCK_N keys per step); the dk/dv
+# kernel owns BLOCK_N keys and steps over BLOCK_M rows of the tokens that see them.
+DQ_SETTINGS = (
+    dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2),
+    dict(BLOCK_M=32, BLOCK_N=32, num_warps=4, num_stages=1),
+)
+DKDV_SETTINGS = (
     dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2),
     dict(BLOCK_M=32, BLOCK_N=32, num_warps=4, num_stages=1),
 )
@@ -114,17 +120,20 @@ def masked_attention_backward(do, dlse, q, k, v, o, lse, key_lo, key_hi, scale: 
     common = dict(q=q, k=k, v=v, do=do, lse=lse.contiguous(), delta=delta, **tables, scale=scale, Tq=num_queries,
                   Tk=num_keys, **config)
 
-    def launch(settings):
+    def launch_dq(settings):
         settings = _rows(settings, config)
-        if q.numel() > 0:
-            grid = (triton.cdiv(num_queries, settings["BLOCK_M"] // config["GP"]), batch * config["HKV"])
-            wrap_triton(_masked_attention_bwd_dq_kernel)[grid](dq=dq, **common, **settings)
-        if k.numel() > 0:
-            grid = (triton.cdiv(num_keys, settings["BLOCK_N"]), batch * config["HKV"])
-            wrap_triton(_masked_attention_bwd_dkdv_kernel)[grid](
-                query_lo=query_lo.to(torch.int32), query_hi=query_hi.to(torch.int32), dk=dk, dv=dv, **common,
-                **settings,
-            )
+        grid = (triton.cdiv(num_queries, settings["BLOCK_M"] // config["GP"]), batch * config["HKV"])
+        wrap_triton(_masked_attention_bwd_dq_kernel)[grid](dq=dq, **common, **settings)
 
-    launch_fitting(launch, BACKWARD_SETTINGS, fitting_key("masked_bwd", q, config))
+    def launch_dkdv(settings):
+        settings = _rows(settings, config)
+        grid = (triton.cdiv(num_keys, settings["BLOCK_N"]), batch * config["HKV"])
+        wrap_triton(_masked_attention_bwd_dkdv_kernel)[grid](
+            query_lo=query_lo.to(torch.int32), query_hi=query_hi.to(torch.int32), dk=dk, dv=dv, **common, **settings,
+        )
+
+    if q.numel() > 0:
+        launch_fitting(launch_dq, DQ_SETTINGS, fitting_key("masked_bwd_dq", q, config))
+    if k.numel() > 0:
+        launch_fitting(launch_dkdv, DKDV_SETTINGS, fitting_key("masked_bwd_dkdv", q, config))
     return dq, dk, dv
