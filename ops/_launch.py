@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import torch
 import triton
 
 # (kernel, launch config) -> index of the first settings that fit, so a misfit is paid once, not per call/chunk.
@@ -12,11 +11,10 @@ _FITTING_SETTINGS: dict[tuple, int] = {}
 def launch_fitting(launch, settings_chain, key):
     """Call ``launch(settings)`` with the first settings whose kernel fits the GPU's shared memory.
 
-    While torch.compile traces a launch (``wrap_triton``) nothing is compiled, so no misfit shows: the traced
-    graph gets the settings that fitted in eager, else the first ones.
+    While torch.compile traces a launch (``wrap_triton``; static shapes only) nothing is compiled, so no
+    misfit shows: the traced graph gets the settings that fitted in eager, else the first ones.
     """
-    cacheable = not any(isinstance(x, (torch.SymInt, torch.SymFloat, torch.SymBool)) for x in key)
-    first = _FITTING_SETTINGS.get(key, 0) if cacheable else 0
+    first = _FITTING_SETTINGS.get(key, 0)
     for index in range(first, len(settings_chain)):
         try:
             result = launch(settings_chain[index])
@@ -24,10 +22,9 @@ def launch_fitting(launch, settings_chain, key):
             if index == len(settings_chain) - 1:
                 raise
             continue
-        if cacheable:
-            _FITTING_SETTINGS[key] = index
+        _FITTING_SETTINGS[key] = index
         return result
 
 
 def fitting_key(kernel_name, q, config):
-    return (kernel_name, q.dtype, q.device.index, *(value for item in sorted(config.items()) for value in item))
+    return (kernel_name, q.dtype, q.device.index, *sorted(config.items()))

@@ -217,11 +217,6 @@ def _selected_attention_fwd(q, k, v, indices, block_size, scale, cu_seqlens, imp
     bytes_per_token = hkv * topk * group * (v.shape[-1] * q.element_size() + 4)
     chunk = max(1, FSA_PARTIAL_BYTES // bytes_per_token)
     flat_indices = indices.view(batch * num_queries, hkv, topk)
-    if batch * num_queries <= chunk:  # a guard, not a specialisation, when T is symbolic under torch.compile
-        _selected_attention_fsa_fwd_chunk(
-            q, k, v, flat_indices, 0, o, lse, scale, config, cu_seqlens, query_rows, sequence_starts, block_size
-        )
-        return o, lse
     for first_token in range(0, batch * num_queries, chunk):
         num_tokens = min(chunk, batch * num_queries - first_token)
         _selected_attention_fsa_fwd_chunk(

@@ -2,9 +2,10 @@
 
 ``ops/selected_attention.py::_invert_indices`` inverts the indices on the device: every valid (query token, KV
 head, slot) entry gets the key ``(b * HKV + h) * Tk + first_row_of_its_block`` (``_selection_keys_kernel``);
-entries are sorted by key and cut into work items of at most ``BLOCK_Q * TILES`` entries of one key. A program takes one work item: it loads
-its KV block once and streams the entries through tensor-core dots ``BLOCK_Q`` at a time; each step holds
-``BLOCK_M = BLOCK_Q * GP`` query rows (``GP`` = G rounded up to a power of two), so the dots are full at any G.
+entries are sorted by key and cut into work items of at most ``BLOCK_Q * TILES`` entries of one key. A program
+takes one work item: it loads its KV block once and streams the entries through tensor-core dots ``BLOCK_Q`` at
+a time; each step holds ``BLOCK_M = BLOCK_Q * GP`` query rows (``GP`` = G rounded up to a power of two), so the
+dots are full at any G.
 
 Forward: ``_selected_attention_fsa_fwd_kernel`` writes, per entry, the block's normalised partial output
 ``o_partial [E, G, DV]`` (input dtype) and its log-sum-exp ``lse_partial [E, G]`` (float32, -inf for empty

@@ -90,9 +90,7 @@ def _selected_attention_nsa_bwd_kernel(
 ):
     """dq is written by the owning program; dk/dv (float32) are accumulated with atomics."""
     token, h, query_row, sequence_start, key_base = _program(query_rows, sequence_starts, Tq, Tk, HKV)
-
     scale = tl.cast(scale, tl.float32)  # Inductor may pass a Python float argument as fp64
-
     qk_scale = scale * 1.4426950408889634
 
     offs_g = tl.arange(0, BLOCK_G)
