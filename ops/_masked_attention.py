@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import torch
 import triton
-from torch.library import wrap_triton
 
 from ._kernels.common import next_power_of_2
 from ._kernels.masked_attention import (
@@ -17,7 +16,7 @@ from ._kernels.masked_attention import (
     _masked_attention_bwd_dq_kernel,
     _masked_attention_fwd_kernel,
 )
-from ._launch import fitting_key, launch_fitting
+from ._launch import fitted_kernel, fitting_key, launch_fitting
 from ._library import attention_outputs_like, softmax_backward_delta
 from ._sequences import compressed_sequences, token_sequences
 
@@ -98,7 +97,7 @@ def masked_attention_forward(q, k, v, key_lo, key_hi, scale: float):
     def launch(settings):
         settings = _rows(settings, config)
         grid = (triton.cdiv(num_queries, settings["BLOCK_M"] // config["GP"]), batch * config["HKV"])
-        wrap_triton(_masked_attention_fwd_kernel)[grid](
+        fitted_kernel(_masked_attention_fwd_kernel, grid)(
             q, k, v, **spans, o=o, lse=lse, scale=scale, Tq=num_queries, Tk=k.shape[1], **config, **settings
         )
 
@@ -123,12 +122,12 @@ def masked_attention_backward(do, dlse, q, k, v, o, lse, key_lo, key_hi, scale: 
     def launch_dq(settings):
         settings = _rows(settings, config)
         grid = (triton.cdiv(num_queries, settings["BLOCK_M"] // config["GP"]), batch * config["HKV"])
-        wrap_triton(_masked_attention_bwd_dq_kernel)[grid](dq=dq, **common, **settings)
+        fitted_kernel(_masked_attention_bwd_dq_kernel, grid)(dq=dq, **common, **settings)
 
     def launch_dkdv(settings):
         settings = _rows(settings, config)
         grid = (triton.cdiv(num_keys, settings["BLOCK_N"]), batch * config["HKV"])
-        wrap_triton(_masked_attention_bwd_dkdv_kernel)[grid](
+        fitted_kernel(_masked_attention_bwd_dkdv_kernel, grid)(
             query_lo=query_lo.to(torch.int32), query_hi=query_hi.to(torch.int32), dk=dk, dv=dv, **common, **settings,
         )
 

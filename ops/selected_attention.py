@@ -37,7 +37,7 @@ from ._kernels.selected_fsa import (
     _selection_keys_kernel,
 )
 from ._kernels.selected_nsa import _selected_attention_nsa_bwd_kernel, _selected_attention_nsa_fwd_kernel
-from ._launch import fitting_key, launch_fitting
+from ._launch import fitted_kernel, fitting_key, launch_fitting
 from ._library import (
     attention_grads_like, attention_outputs_like, register_attention_autograd, resolve_scale,
     softmax_backward_delta, triton_custom_op,
@@ -203,7 +203,7 @@ def _selected_attention_fwd(q, k, v, indices, block_size, scale, cu_seqlens, imp
     o, lse = attention_outputs_like(q, v.shape[-1])
     if choose_kernel(impl, group, num_queries) == "nsa":
         launch_fitting(
-            lambda settings: wrap_triton(_selected_attention_nsa_fwd_kernel)[(num_queries, batch * hkv)](
+            lambda settings: fitted_kernel(_selected_attention_nsa_fwd_kernel, (num_queries, batch * hkv))(
                 q=q, k=k, v=v, indices=indices, query_rows=query_rows, sequence_starts=sequence_starts, o=o,
                 lse=lse, scale=scale, Tq=num_queries, Tk=k.shape[1], BLOCK_G=next_power_of_2(group), **config,
                 **settings,
@@ -240,7 +240,7 @@ def _selected_attention_fsa_fwd_chunk(
         work, work_config = _fsa_work(
             k, indices, first_token, num_queries, cu_seqlens, query_rows, sequence_starts, block_size, group, settings
         )
-        wrap_triton(_selected_attention_fsa_fwd_kernel)[(work["item_keys"].shape[0],)](
+        fitted_kernel(_selected_attention_fsa_fwd_kernel, (work["item_keys"].shape[0],))(
             q=q, k=k, v=v, **work, query_rows=query_rows, o_partial=o_partial, lse_partial=lse_partial,
             scale=scale, first_token=first_token, Tq=num_queries, Tk=k.shape[1], **config, **work_config,
         )
@@ -273,7 +273,7 @@ def _selected_attention_bwd(do, dlse, q, k, v, o, lse, indices, block_size, scal
     if choose_kernel(impl, hq // hkv, num_queries, backward=True) == "nsa":
         dq = torch.empty_like(q)
         launch_fitting(
-            lambda settings: wrap_triton(_selected_attention_nsa_bwd_kernel)[(num_queries, batch * hkv)](
+            lambda settings: fitted_kernel(_selected_attention_nsa_bwd_kernel, (num_queries, batch * hkv))(
                 q=q, k=k, v=v, do=do, lse=lse.contiguous(), delta=delta, indices=indices, query_rows=query_rows,
                 sequence_starts=sequence_starts, dq=dq, dk=dk, dv=dv, scale=scale, Tq=num_queries, Tk=k.shape[1],
                 BLOCK_G=next_power_of_2(hq // hkv), **config, **settings,
@@ -289,7 +289,7 @@ def _selected_attention_bwd(do, dlse, q, k, v, o, lse, indices, block_size, scal
             k, indices.view(batch * num_queries, hkv, -1), 0, num_queries, cu_seqlens, query_rows, sequence_starts,
             block_size, hq // hkv, settings,
         )
-        wrap_triton(_selected_attention_fsa_bwd_kernel)[(work["item_keys"].shape[0],)](
+        fitted_kernel(_selected_attention_fsa_bwd_kernel, (work["item_keys"].shape[0],))(
             q=q, k=k, v=v, do=do, lse=lse.contiguous(), delta=delta, **work, query_rows=query_rows, dq=dq, dk=dk,
             dv=dv, scale=scale, first_token=0, Tq=num_queries, Tk=k.shape[1], **config, **work_config,
         )

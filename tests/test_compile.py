@@ -148,3 +148,36 @@ def test_cuda_compile_launches_the_triton_kernels_from_generated_code(dtype, dyn
     assert_close("out", want, out, RATIO[dtype])
     for i, (g, e) in enumerate(zip(got, [x_eager.grad, *(p.grad for p in layer.parameters())])):
         assert_close(f"grad {i}", e, g, RATIO[dtype])
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(DEVICE != "cuda", reason="the ops are traced into Triton kernels on CUDA only")
+def test_cuda_static_compile_picks_launch_settings_that_fit(monkeypatch):
+    """fp32 with D=256 does not fit the tuned tile settings in shared memory. A static-shape compile with no eager
+    call before it must still pick settings that fit while it traces the launchers (ops/_launch.fitted_kernel),
+    not fail when the compiled code runs."""
+    import fsa_compile
+    from fsa_compile.ops import _launch
+
+    monkeypatch.setattr(_launch, "_FITTING_SETTINGS", {})
+    config = dict(kernel_size=16, kernel_stride=8, block_size=16, topk=4, init_blocks=1, local_blocks=1, window_size=64)
+    layer = fsa_compile.FlashSparseAttention(128, 2, 1, 256, **config).to(DEVICE)
+    x = torch.randn(1, 301, 128, device=DEVICE, requires_grad=True)
+    compiled = torch.compile(layer, fullgraph=True, dynamic=False)
+
+    def step(x):
+        out = compiled(x)
+        out.square().sum().backward()
+        return out
+
+    out, codes = run_and_get_code(step, x)
+    assert "torch.ops.fsa" not in "\n".join(codes)
+    assert any(index > 0 for index in _launch._FITTING_SETTINGS.values()), _launch._FITTING_SETTINGS
+    got = [x.grad, *(p.grad for p in layer.parameters())]
+    layer.zero_grad()
+    x_eager = x.detach().requires_grad_()
+    want = layer(x_eager)
+    want.square().sum().backward()
+    assert_close("out", want, out, RATIO[torch.float32])
+    for i, (g, e) in enumerate(zip(got, [x_eager.grad, *(p.grad for p in layer.parameters())])):
+        assert_close(f"grad {i}", e, g, RATIO[torch.float32])

@@ -8,6 +8,14 @@ LN2 = 0.6931471805599453
 
 
 @triton.jit
+def fp32_scales(scale):
+    """-> (scale, scale * log2(e)) in float32: the kernels work in base 2, and Inductor may pass a Python float
+    argument as float64, which would make loop-carried softmax state float64."""
+    scale = tl.cast(scale, tl.float32)
+    return scale, scale * 1.4426950408889634
+
+
+@triton.jit
 def masked_scores(qv, kt, key_mask, qk_scale, INPUT_PRECISION: tl.constexpr):
     """qv [M, BLOCK_D] @ kt [BLOCK_D, BLOCK_S] * qk_scale (base-2 logits), -inf where ~key_mask [M, BLOCK_S]."""
     s = tl.dot(qv, kt, input_precision=INPUT_PRECISION) * qk_scale

@@ -18,18 +18,19 @@ group into its rows (row r = token ``r // GP``, head ``r % GP``), so each K/V ti
 import triton
 import triton.language as tl
 
-from .common import finish_softmax, load_gradient_rows, masked_scores, online_softmax_step
+from .common import finish_softmax, fp32_scales, load_gradient_rows, masked_scores, online_softmax_step
 
 
 # The index helpers take no pointer: Inductor's mutation analysis of a user kernel counts every tensor passed
 # to a helper whose result feeds a store address as written, and would clone it (q!) before each launch.
 @triton.jit
-def _query_tile(tile, bh, Tq, HQ: tl.constexpr, HKV: tl.constexpr, G: tl.constexpr, GP: tl.constexpr,
+def _query_tile(first_token, bh, Tq, HQ: tl.constexpr, HKV: tl.constexpr, G: tl.constexpr, GP: tl.constexpr,
                 BLOCK_M: tl.constexpr):
-    """A program's query rows: batch row, KV head, token [BLOCK_M] and flat (token, head) row of each, validity."""
+    """BLOCK_M query rows from first_token on, in batch row and KV head bh: batch row, KV head, token [BLOCK_M]
+    and flat (token, head) row of each, validity."""
     b, h = (bh // HKV).to(tl.int64), bh % HKV
     offs_m = tl.arange(0, BLOCK_M)
-    token = tile * (BLOCK_M // GP) + offs_m // GP
+    token = first_token + offs_m // GP
     head = offs_m % GP
     rows = (b * Tq + token) * HQ + h * G + head
     return b, h, token, rows, (token < Tq) & (head < G)
@@ -53,10 +54,11 @@ def _masked_attention_fwd_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
 ):
-    b, h, token, rows, row_valid = _query_tile(tl.program_id(0), tl.program_id(1), Tq, HQ, HKV, G, GP, BLOCK_M)
+    b, h, token, rows, row_valid = _query_tile(
+        tl.program_id(0) * (BLOCK_M // GP), tl.program_id(1), Tq, HQ, HKV, G, GP, BLOCK_M
+    )
     lo_row, hi_row, qv = _load_query_tile(q, key_lo, key_hi, token, rows, row_valid, Tq, Tk, D, BLOCK_D)
-    scale = tl.cast(scale, tl.float32)  # Inductor may pass a Python float argument as fp64
-    qk_scale = scale * 1.4426950408889634
+    _, qk_scale = fp32_scales(scale)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
@@ -88,10 +90,11 @@ def _masked_attention_bwd_dq_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
 ):
-    b, h, token, rows, row_valid = _query_tile(tl.program_id(0), tl.program_id(1), Tq, HQ, HKV, G, GP, BLOCK_M)
+    b, h, token, rows, row_valid = _query_tile(
+        tl.program_id(0) * (BLOCK_M // GP), tl.program_id(1), Tq, HQ, HKV, G, GP, BLOCK_M
+    )
     lo_row, hi_row, qv = _load_query_tile(q, key_lo, key_hi, token, rows, row_valid, Tq, Tk, D, BLOCK_D)
-    scale = tl.cast(scale, tl.float32)  # Inductor may pass a Python float argument as fp64
-    qk_scale = scale * 1.4426950408889634
+    scale, qk_scale = fp32_scales(scale)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
@@ -123,12 +126,9 @@ def _masked_attention_bwd_dkdv_kernel(
 ):
     bh = tl.program_id(1)
     b, h = (bh // HKV).to(tl.int64), bh % HKV
-    scale = tl.cast(scale, tl.float32)  # Inductor may pass a Python float argument as fp64
-    qk_scale = scale * 1.4426950408889634
-    offs_m = tl.arange(0, BLOCK_M)
+    scale, qk_scale = fp32_scales(scale)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
-    TOKENS: tl.constexpr = BLOCK_M // GP
 
     keys = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     in_range = keys < Tk
@@ -140,15 +140,10 @@ def _masked_attention_bwd_dkdv_kernel(
 
     dk_acc = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv_acc = tl.zeros([BLOCK_N, BLOCK_DV], tl.float32)
-    for token_start in range(first, last, TOKENS):
-        token = token_start + offs_m // GP
-        head = offs_m % GP
-        row_valid = (token < Tq) & (head < G)
-        rows = (b * Tq + token) * HQ + h * G + head
-        qv = tl.load(q + rows[:, None] * D + offs_d[None, :], mask=row_valid[:, None] & (offs_d[None, :] < D), other=0.0)
+    for token_start in range(first, last, BLOCK_M // GP):
+        _, _, token, rows, row_valid = _query_tile(token_start, bh, Tq, HQ, HKV, G, GP, BLOCK_M)
+        lo_row, hi_row, qv = _load_query_tile(q, key_lo, key_hi, token, rows, row_valid, Tq, Tk, D, BLOCK_D)
         dov, lse2, row_delta = load_gradient_rows(do, lse, delta, rows, row_valid, DV, BLOCK_DV)
-        lo_row = tl.load(key_lo + token, mask=token < Tq, other=Tk)
-        hi_row = tl.load(key_hi + token, mask=token < Tq, other=0)
         visible = row_valid[:, None] & (keys[None, :] >= lo_row[:, None]) & (keys[None, :] < hi_row[:, None])
         p = tl.exp2(masked_scores(qv, kt, visible, qk_scale, INPUT_PRECISION) - lse2[:, None])  # [M, N]
         dp = tl.dot(dov, vt, input_precision=INPUT_PRECISION)

@@ -20,7 +20,7 @@ first row == end row.
 import triton
 import triton.language as tl
 
-from .common import finite_or_zero
+from .common import finite_or_zero, fp32_scales
 
 
 @triton.jit
@@ -46,8 +46,7 @@ def _select_blocks_kernel(
     end_row = tl.load(tile_end_row + tile).to(tl.int64)
     first_position = tl.load(tile_position + tile)
     cmp_row = tl.load(tile_cmp_row + tile).to(tl.int64)
-    scale = tl.cast(scale, tl.float32)  # Inductor may pass a Python float argument as fp64
-    qk_scale = scale * 1.4426950408889634
+    _, qk_scale = fp32_scales(scale)
     M: tl.constexpr = BLOCK_T * GP
 
     # Rows of the QK dot: token r // GP of the tile, head r % GP of the group.

@@ -22,7 +22,7 @@ forward runs over chunks of flattened tokens to bound the partial buffers; the b
 import triton
 import triton.language as tl
 
-from .common import finish_softmax, finite_or_zero, load_gradient_rows, masked_scores
+from .common import finish_softmax, finite_or_zero, fp32_scales, load_gradient_rows, masked_scores
 
 
 @triton.jit
@@ -95,8 +95,7 @@ def _selected_attention_fsa_fwd_kernel(
     offs_dv = tl.arange(0, BLOCK_DV)
     kt = tl.load(k + kv_row[None, :] * D + offs_d[:, None], mask=key_mask[None, :] & (offs_d[:, None] < D), other=0.0)
     vv = tl.load(v + kv_row[:, None] * DV + offs_dv[None, :], mask=key_mask[:, None] & (offs_dv[None, :] < DV), other=0.0)
-    scale = tl.cast(scale, tl.float32)  # Inductor may pass a Python float argument as fp64
-    qk_scale = scale * 1.4426950408889634
+    _, qk_scale = fp32_scales(scale)
     for step_start in range(start, start + length, BLOCK_M // GP):
         entry, g, head_row, row_mask, mask = _step_rows(
             sorted_entries, query_rows, step_start, start + length, h, key_row, key_mask, first_token, Tq,
@@ -174,8 +173,7 @@ def _selected_attention_fsa_bwd_kernel(
     offs_dv = tl.arange(0, BLOCK_DV)
     kt = tl.load(k + kv_row[None, :] * D + offs_d[:, None], mask=key_mask[None, :] & (offs_d[:, None] < D), other=0.0)
     vt = tl.load(v + kv_row[None, :] * DV + offs_dv[:, None], mask=key_mask[None, :] & (offs_dv[:, None] < DV), other=0.0)
-    scale = tl.cast(scale, tl.float32)  # Inductor may pass a Python float argument as fp64
-    qk_scale = scale * 1.4426950408889634
+    scale, qk_scale = fp32_scales(scale)
     dk_acc = tl.zeros([BLOCK_S, BLOCK_D], tl.float32)
     dv_acc = tl.zeros([BLOCK_S, BLOCK_DV], tl.float32)
     for step_start in range(start, start + length, BLOCK_M // GP):

@@ -12,7 +12,7 @@ sequence starts; a key row r of block j is visible iff ``r <= query_row``.
 import triton
 import triton.language as tl
 
-from .common import finish_softmax, load_gradient_rows, masked_scores, online_softmax_step
+from .common import finish_softmax, fp32_scales, load_gradient_rows, masked_scores, online_softmax_step
 
 
 @triton.jit
@@ -47,8 +47,7 @@ def _selected_attention_nsa_fwd_kernel(
     BLOCK_DV: tl.constexpr, INPUT_PRECISION: tl.constexpr,
 ):
     token, h, query_row, sequence_start, key_base = _program(query_rows, sequence_starts, Tq, Tk, HKV)
-    scale = tl.cast(scale, tl.float32)  # Inductor may pass a Python float argument as fp64
-    qk_scale = scale * 1.4426950408889634
+    _, qk_scale = fp32_scales(scale)
 
     offs_g = tl.arange(0, BLOCK_G)
     offs_s = tl.arange(0, BLOCK_S)
@@ -90,8 +89,7 @@ def _selected_attention_nsa_bwd_kernel(
 ):
     """dq is written by the owning program; dk/dv (float32) are accumulated with atomics."""
     token, h, query_row, sequence_start, key_base = _program(query_rows, sequence_starts, Tq, Tk, HKV)
-    scale = tl.cast(scale, tl.float32)  # Inductor may pass a Python float argument as fp64
-    qk_scale = scale * 1.4426950408889634
+    scale, qk_scale = fp32_scales(scale)
 
     offs_g = tl.arange(0, BLOCK_G)
     offs_s = tl.arange(0, BLOCK_S)
