@@ -1,6 +1,6 @@
 """Sweep the launch settings of the masked-attention (compressed, window) and select_blocks kernels.
 
-    python benchmarks/tune_layer_kernels.py --seqlen 65536 --groups 1 4
+    python benchmarks/tune_layer_kernels.py --seqlens 65536 --groups 1 4
 
 bf16, Hkv = 4, D = 128, the layer's defaults (kernel 32/16, block 64, top-16, window 512). Prints ms per
 setting; the winners go into ``FORWARD_SETTINGS`` / ``DQ_SETTINGS`` / ``DKDV_SETTINGS``
@@ -11,6 +11,7 @@ while one of its two kernels sweeps and the other keeps its tuned setting.
 from __future__ import annotations
 
 import argparse
+import itertools
 import sys
 from pathlib import Path
 
@@ -43,13 +44,13 @@ def timed(fn):
 
 def main():
     parser = argparse.ArgumentParser()
-    parser.add_argument("--seqlen", type=int, default=65536)
+    parser.add_argument("--seqlens", type=int, nargs="+", default=[65536])
     parser.add_argument("--groups", type=int, nargs="+", default=[1, 4])
     parser.add_argument("--sweeps", nargs="+", default=["fwd", "bwd", "select"], choices=["fwd", "bwd", "select"])
     args = parser.parse_args()
     print(device_meta()["device"])
-    T, hkv, d = args.seqlen, 4, 128
-    for group in args.groups:
+    hkv, d = 4, 128
+    for T, group in itertools.product(args.seqlens, args.groups):
         hq = group * hkv
         q = torch.randn(1, T, hq, d, device="cuda", dtype=torch.bfloat16, requires_grad=True)
         k = torch.randn(1, T, hkv, d, device="cuda", dtype=torch.bfloat16, requires_grad=True)
@@ -68,7 +69,7 @@ def main():
                 masked.FORWARD_SETTINGS = (dict(zip(("BLOCK_M", "BLOCK_N", "num_warps", "num_stages"), setting)),)
                 launch._FITTING_SETTINGS.clear()
                 with torch.no_grad():
-                    print(f"G={group} {name:10s} fwd {setting}: {timed(op)} ms")
+                    print(f"T={T} G={group} {name:10s} fwd {setting}: {timed(op)} ms")
             masked.FORWARD_SETTINGS = tuned_forward
             inputs = (q, k_cmp, v_cmp) if name == "compressed" else (q, k, v)
             for kernel, sweep in (("DQ_SETTINGS", DQ), ("DKDV_SETTINGS", DKDV)) if "bwd" in args.sweeps else ():
@@ -76,15 +77,19 @@ def main():
                 for setting in sweep:
                     setattr(masked, kernel, (dict(zip(("BLOCK_M", "BLOCK_N", "num_warps", "num_stages"), setting)),))
                     launch._FITTING_SETTINGS.clear()
-                    print(f"G={group} {name:10s} bwd {kernel[:-9].lower():4s} {setting}: "
+                    print(f"T={T} G={group} {name:10s} bwd {kernel[:-9].lower():4s} {setting}: "
                           f"{timed(lambda: torch.autograd.grad(o, inputs, do, retain_graph=True))} ms")
                 setattr(masked, kernel, tuned)
         with torch.no_grad():
             _, lse = fsa_compile.compressed_attention(q, k_cmp, v_cmp, 32, 16)
+            first = None
             for setting in SELECT if "select" in args.sweeps else ():
                 select.SELECT_LAUNCH = dict(zip(("rows", "num_warps", "num_stages"), setting))
-                print(f"G={group} select         {setting}: "
-                      f"{timed(lambda: fsa_compile.select_blocks(q, k_cmp, lse, 32, 16, 64, 16, 1, 2))} ms")
+                run = lambda: fsa_compile.select_blocks(q, k_cmp, lse, 32, 16, 64, 16, 1, 2)  # noqa: E731
+                indices = run()
+                first = indices if first is None else first
+                differ = (indices != first).any(-1).float().mean().item()
+                print(f"T={T} G={group} select         {setting}: {timed(run)} ms  rows differing from the first: {differ:.2e}")
 
 
 if __name__ == "__main__":
