@@ -3,9 +3,10 @@
     python benchmarks/tune_layer_kernels.py --seqlens 65536 --groups 1 4
 
 bf16, Hkv = 4, D = 128, the layer's defaults (kernel 32/16, block 64, top-16, window 512). Prints ms per
-setting; the winners go into ``FORWARD_SETTINGS`` / ``DQ_SETTINGS`` / ``DKDV_SETTINGS``
-(``ops/_masked_attention.py``) and ``SELECT_LAUNCH`` (``ops/select_blocks.py``). The backward is timed whole
-while one of its two kernels sweeps and the other keeps its tuned setting.
+setting; the winners go into ``FORWARD_SETTINGS`` / ``DQ_SETTINGS`` / ``DKDV_SETTINGS`` and
+``DKDV_MAX_CHUNKS`` / ``DKDV_CHUNK_TOKENS`` (``ops/_masked_attention.py``) and ``SELECT_LAUNCH``
+(``ops/select_blocks.py``). The backward is timed whole while one of its two kernels sweeps and the other keeps
+its tuned setting.
 """
 
 from __future__ import annotations
@@ -32,6 +33,8 @@ DQ = [(64, 64, 4, 2), (128, 32, 4, 2), (128, 64, 8, 2), (128, 32, 8, 3), (64, 32
       (64, 64, 4, 3)]
 DKDV = [(64, 64, 4, 2), (32, 128, 4, 2), (32, 128, 8, 2), (64, 128, 8, 2), (32, 64, 4, 3), (16, 128, 4, 2),
         (64, 128, 4, 2), (64, 64, 4, 3)]
+# (DKDV_MAX_CHUNKS, DKDV_CHUNK_TOKENS): how the dk/dv kernel splits the tokens of a key tile.
+CHUNKS = [(1, 4096), (4, 4096), (8, 4096), (16, 2048), (8, 2048), (32, 1024)]
 SELECT = [(64, 4, 2), (32, 4, 2), (128, 4, 2), (64, 8, 2), (128, 8, 2), (64, 4, 1), (16, 4, 2)]
 
 
@@ -46,7 +49,7 @@ def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--seqlens", type=int, nargs="+", default=[65536])
     parser.add_argument("--groups", type=int, nargs="+", default=[1, 4])
-    parser.add_argument("--sweeps", nargs="+", default=["fwd", "bwd", "select"], choices=["fwd", "bwd", "select"])
+    parser.add_argument("--sweeps", nargs="+", default=["fwd", "bwd", "select"], choices=["fwd", "bwd", "chunks", "select"])
     args = parser.parse_args()
     print(device_meta()["device"])
     hkv, d = 4, 128
@@ -80,6 +83,12 @@ def main():
                     print(f"T={T} G={group} {name:10s} bwd {kernel[:-9].lower():4s} {setting}: "
                           f"{timed(lambda: torch.autograd.grad(o, inputs, do, retain_graph=True))} ms")
                 setattr(masked, kernel, tuned)
+            tuned = masked.DKDV_MAX_CHUNKS, masked.DKDV_CHUNK_TOKENS
+            for setting in CHUNKS if "chunks" in args.sweeps else ():
+                masked.DKDV_MAX_CHUNKS, masked.DKDV_CHUNK_TOKENS = setting
+                print(f"T={T} G={group} {name:10s} bwd chunks {setting}: "
+                      f"{timed(lambda: torch.autograd.grad(o, inputs, do, retain_graph=True))} ms")
+            masked.DKDV_MAX_CHUNKS, masked.DKDV_CHUNK_TOKENS = tuned
         with torch.no_grad():
             _, lse = fsa_compile.compressed_attention(q, k_cmp, v_cmp, 32, 16)
             first = None

@@ -106,8 +106,25 @@ def masked_attention_forward(q, k, v, key_lo, key_hi, scale: float):
     return o, lse
 
 
-def masked_attention_backward(do, dlse, q, k, v, o, lse, key_lo, key_hi, scale: float):
-    """Gradients of ``masked_attention_forward``; dlse may be None. -> dq, dk, dv (input dtypes)."""
+# The dk/dv kernel splits the tokens that see one key tile into up to DKDV_MAX_CHUNKS chunks of at least
+# DKDV_CHUNK_TOKENS tokens, each its own program (compressed attention: the spans are long and uneven).
+DKDV_CHUNK_TOKENS = 4096
+DKDV_MAX_CHUNKS = 8
+
+
+def _query_chunks(max_tokens_per_key: int, tokens_per_step: int) -> tuple[int, int]:
+    """(chunks, tokens per chunk, a multiple of tokens_per_step) covering max_tokens_per_key tokens."""
+    chunks = max(1, min(DKDV_MAX_CHUNKS, max_tokens_per_key // DKDV_CHUNK_TOKENS))
+    steps = triton.cdiv(triton.cdiv(max_tokens_per_key, chunks), tokens_per_step)
+    return chunks, steps * tokens_per_step
+
+
+def masked_attention_backward(do, dlse, q, k, v, o, lse, key_lo, key_hi, scale: float,
+                              max_tokens_per_key: int | None = None):
+    """Gradients of ``masked_attention_forward``; dlse may be None. -> dq, dk, dv (input dtypes).
+
+    max_tokens_per_key: a bound on the tokens that see any one key (default: all Tq); it sets how many chunks
+    the dk/dv kernel splits them into."""
     q, k, v, do = (x.contiguous() for x in (q, k, v, do))
     batch, num_queries = q.shape[:2]
     num_keys = k.shape[1]
@@ -115,7 +132,8 @@ def masked_attention_backward(do, dlse, q, k, v, o, lse, key_lo, key_hi, scale: 
     delta = softmax_backward_delta(do, o, dlse)
     query_lo, query_hi = query_spans(key_lo, key_hi, num_keys)
     tables = dict(key_lo=key_lo.to(torch.int32), key_hi=key_hi.to(torch.int32))
-    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    dq = torch.empty_like(q)
+    max_tokens_per_key = num_queries if max_tokens_per_key is None else min(num_queries, max_tokens_per_key)
     common = dict(q=q, k=k, v=v, do=do, lse=lse.contiguous(), delta=delta, **tables, scale=scale, Tq=num_queries,
                   Tk=num_keys, **config)
 
@@ -126,13 +144,26 @@ def masked_attention_backward(do, dlse, q, k, v, o, lse, key_lo, key_hi, scale: 
 
     def launch_dkdv(settings):
         settings = _rows(settings, config)
-        grid = (triton.cdiv(num_keys, settings["BLOCK_N"]), batch * config["HKV"])
-        fitted_kernel(_masked_attention_bwd_dkdv_kernel, grid)(
-            query_lo=query_lo.to(torch.int32), query_hi=query_hi.to(torch.int32), dk=dk, dv=dv, **common, **settings,
+        chunks, chunk_tokens = _query_chunks(
+            max_tokens_per_key + settings["BLOCK_N"] - 1, settings["BLOCK_M"] // config["GP"]
         )
+        if chunks == 1:
+            dk, dv = torch.empty_like(k), torch.empty_like(v)
+        else:
+            dk = k.new_empty((chunks, *k.shape), dtype=torch.float32)
+            dv = v.new_empty((chunks, *v.shape), dtype=torch.float32)
+        grid = (triton.cdiv(num_keys, settings["BLOCK_N"]), batch * config["HKV"], chunks)
+        fitted_kernel(_masked_attention_bwd_dkdv_kernel, grid)(
+            query_lo=query_lo.to(torch.int32), query_hi=query_hi.to(torch.int32), dk=dk, dv=dv,
+            chunk_tokens=chunk_tokens, **common, **settings,
+        )
+        if chunks == 1:
+            return dk, dv
+        return dk.sum(0).to(k.dtype), dv.sum(0).to(v.dtype)
 
     if q.numel() > 0:
         launch_fitting(launch_dq, DQ_SETTINGS, fitting_key("masked_bwd_dq", q, config))
-    if k.numel() > 0:
-        launch_fitting(launch_dkdv, DKDV_SETTINGS, fitting_key("masked_bwd_dkdv", q, config))
+    if k.numel() == 0:
+        return dq, torch.empty_like(k), torch.empty_like(v)
+    dk, dv = launch_fitting(launch_dkdv, DKDV_SETTINGS, fitting_key("masked_bwd_dkdv", q, config))
     return dq, dk, dv

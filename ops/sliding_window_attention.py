@@ -80,7 +80,9 @@ def sliding_window_attention_backward(
     if q.dtype == torch.float64:
         return _backward_torch(do, dlse, q, k, v, o, lse, window_size, scale, cu_seqlens)
     spans = window_spans(q.shape[1], k.shape[1], window_size, cu_seqlens, q.device)
-    return masked_attention_backward(do, dlse, q, k, v, o, lse, *spans, resolve_scale(scale, q.shape[-1]))
+    return masked_attention_backward(
+        do, dlse, q, k, v, o, lse, *spans, resolve_scale(scale, q.shape[-1]), max_tokens_per_key=window_size
+    )
 
 
 def _backward_torch(do, dlse, q, k, v, o, lse, window_size, scale, cu_seqlens):

@@ -12,7 +12,9 @@ group into its rows (row r = token ``r // GP``, head ``r % GP``), so each K/V ti
 
 - forward: program = (tile of BLOCK_M // GP tokens, batch * KV head); online softmax over its key span.
 - backward: ``dq`` like the forward; ``dk, dv`` one program per tile of BLOCK_N keys looping over the tokens
-  that see them. No atomics: deterministic.
+  that see them, or over one chunk of them when their span is long (compressed keys are seen by up to all
+  tokens: without chunks, few long programs would leave most SMs idle). Chunks write float32 partial sums
+  that the launcher adds in a fixed order. No atomics: deterministic.
 """
 
 import triton
@@ -119,7 +121,7 @@ def _masked_attention_bwd_dq_kernel(
 
 @triton.jit
 def _masked_attention_bwd_dkdv_kernel(
-    q, k, v, do, lse, delta, key_lo, key_hi, query_lo, query_hi, dk, dv, scale, Tq, Tk,
+    q, k, v, do, lse, delta, key_lo, key_hi, query_lo, query_hi, dk, dv, scale, Tq, Tk, chunk_tokens,
     HQ: tl.constexpr, HKV: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
@@ -135,8 +137,11 @@ def _masked_attention_bwd_dkdv_kernel(
     key_rows = b * Tk * HKV + h + keys.to(tl.int64) * HKV
     kt = tl.load(k + key_rows[None, :] * D + offs_d[:, None], mask=in_range[None, :] & (offs_d[:, None] < D), other=0.0)
     vt = tl.load(v + key_rows[None, :] * DV + offs_dv[:, None], mask=in_range[None, :] & (offs_dv[:, None] < DV), other=0.0)
-    first = tl.min(tl.load(query_lo + keys, mask=in_range, other=Tq), 0)
-    last = tl.max(tl.load(query_hi + keys, mask=in_range, other=0), 0)
+    # The tokens that see these keys, or this program's chunk of them (program_id(2); chunk_tokens is a multiple
+    # of the tokens per step, so the chunks split the same steps as one loop would).
+    chunk = tl.program_id(2)
+    first = tl.min(tl.load(query_lo + keys, mask=in_range, other=Tq), 0) + chunk * chunk_tokens
+    last = tl.minimum(tl.max(tl.load(query_hi + keys, mask=in_range, other=0), 0), first + chunk_tokens)
 
     dk_acc = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv_acc = tl.zeros([BLOCK_N, BLOCK_DV], tl.float32)
@@ -150,7 +155,9 @@ def _masked_attention_bwd_dkdv_kernel(
         ds = p * (dp - row_delta[:, None])
         dv_acc += tl.dot(tl.trans(p).to(dov.dtype), dov, input_precision=INPUT_PRECISION)
         dk_acc += tl.dot(tl.trans(ds).to(qv.dtype), qv, input_precision=INPUT_PRECISION)
-    tl.store(dk + key_rows[:, None] * D + offs_d[None, :], (dk_acc * scale).to(dk.dtype.element_ty),
+    # Chunk c writes slice c of dk/dv [chunks, B, Tk, HKV, D] (one chunk: dk/dv themselves).
+    chunk_rows = chunk.to(tl.int64) * tl.num_programs(1) * Tk
+    tl.store(dk + (chunk_rows + key_rows[:, None]) * D + offs_d[None, :], (dk_acc * scale).to(dk.dtype.element_ty),
              mask=in_range[:, None] & (offs_d[None, :] < D))
-    tl.store(dv + key_rows[:, None] * DV + offs_dv[None, :], dv_acc.to(dv.dtype.element_ty),
+    tl.store(dv + (chunk_rows + key_rows[:, None]) * DV + offs_dv[None, :], dv_acc.to(dv.dtype.element_ty),
              mask=in_range[:, None] & (offs_dv[None, :] < DV))

@@ -1,3 +1,5 @@
+import sys
+
 import pytest
 import torch
 
@@ -5,7 +7,8 @@ import fsa_compile
 from fsa_compile import reference
 from fsa_compile.ops.compressed_attention import compressed_attention, compressed_attention_backward
 from tests._testing import (
-    ATTENTION_PATHS, DEVICE, attention_path, case_params, check_attention, check_on_query_suffix, make_qkv,
+    ATTENTION_PATHS, DEVICE, SMALL_CASES, attention_path, case_params, check_attention, check_on_query_suffix,
+    make_qkv,
 )
 
 
@@ -104,3 +107,17 @@ def test_odd_groups_and_head_dims(group, d, path):
     out = fsa_compile.compressed_attention(q, k_cmp, v_cmp, 8, 4)
     check_attention(out, lambda q, k, v: reference.compressed_attention(q, k, v, 8, 4), (q, k_cmp, v_cmp),
                     torch.float32)
+
+
+@pytest.mark.parametrize("case", [SMALL_CASES[0], SMALL_CASES[4], SMALL_CASES[5]], ids=lambda c: c.id)
+def test_backward_splits_the_tokens_of_a_key_tile_into_chunks(monkeypatch, case):
+    """With 8-token chunks the dk/dv kernel splits each key tile's tokens over up to 8 programs whose float32
+    partial sums are added afterwards (at T >= 8K this happens with the default settings)."""
+    monkeypatch.setattr(sys.modules["fsa_compile.ops._masked_attention"], "DKDV_CHUNK_TOKENS", 8)
+    q, k_cmp, v_cmp, cu, seqlen_k = compressed_inputs(case, torch.float32, 8, 4)
+    with attention_path("triton", compressed_attention, compressed_attention_backward):
+        out = fsa_compile.compressed_attention(q, k_cmp, v_cmp, 8, 4, cu_seqlens=cu, seqlen_k=seqlen_k)
+        check_attention(
+            out, lambda q, k, v: reference.compressed_attention(q, k, v, 8, 4, None, cu, seqlen_k),
+            (q, k_cmp, v_cmp), torch.float32,
+        )
