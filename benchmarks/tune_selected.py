@@ -1,6 +1,7 @@
 """Sweep the launch parameters of the selected-attention kernels at one shape; prints ms per setting.
 
     python benchmarks/tune_selected.py --seqlen 65536 --groups 1 4
+    python benchmarks/tune_selected.py --seqlen 65536 --groups 4 --partial-gib 1 2 4 8   # FSA_PARTIAL_BYTES
 """
 
 import argparse
@@ -21,6 +22,8 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--seqlen", type=int, default=65536)
     parser.add_argument("--groups", type=int, nargs="+", default=[1, 4])
+    parser.add_argument("--partial-gib", type=float, nargs="*", default=[],
+                        help="time the FSA forward at these partial-buffer budgets instead of sweeping launches")
     args = parser.parse_args()
     for group in args.groups:
         config = SelectedConfig(seqlen=args.seqlen, group=group)
@@ -30,6 +33,15 @@ def main() -> None:
         indices = make_indices(config, "cuda")
         o, lse = torch.ops.fsa.selected_attention(q, k, v, indices, 64, None, None, "fsa")
         do = torch.randn_like(o)
+        if args.partial_gib:
+            for gib in args.partial_gib:
+                sel.FSA_PARTIAL_BYTES = int(gib * 2**30)
+                torch.cuda.reset_peak_memory_stats()
+                before = torch.cuda.memory_allocated()
+                fwd = cuda_time_ms(lambda: sel._selected_attention_fwd(q, k, v, indices, 64, None, None, "fsa"), 0.15)
+                peak = (torch.cuda.max_memory_allocated() - before) / 2**20
+                print(f"G={group} partial budget {gib} GiB: fwd {fwd:7.3f} ms  peak +{peak:.0f} MiB", flush=True)
+            continue
         settings = [(64, 16, 4, 2), (64, 16, 4, 1), (64, 16, 4, 3), (64, 16, 8, 2), (64, 8, 4, 2), (64, 32, 4, 2),
                     (128, 16, 8, 2), (128, 16, 4, 2)]
         for block_m, steps, warps, stages in settings:
