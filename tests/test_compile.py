@@ -1,6 +1,7 @@
 """torch.compile through the ops: no graph breaks, eager numerics, no recompiles when T changes."""
 
 import re
+import sys
 
 import pytest
 import torch
@@ -114,11 +115,13 @@ FSA_TRITON_KERNELS = {
 @pytest.mark.skipif(DEVICE != "cuda", reason="the ops are traced into Triton kernels on CUDA only")
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("dynamic", [False, True], ids=["static", "dynamic"])
-def test_cuda_compile_launches_the_triton_kernels_from_generated_code(dtype, dynamic):
+def test_cuda_compile_launches_the_triton_kernels_from_generated_code(dtype, dynamic, monkeypatch):
     """On CUDA with static shapes, Inductor traces the ops through their launchers
     (ops/_library.triton_custom_op): the generated code launches our Triton kernels itself, forward and
     backward, with no torch.ops.fsa call left. With dynamic=True the ops stay opaque calls (a torch bug, see
-    _library._inline_triton). Both match eager."""
+    _library._inline_triton). Both match eager. Small dk/dv chunks put the chunked masked backward (float32
+    partials and their sum) in the traced graph too."""
+    monkeypatch.setattr(sys.modules["fsa_compile.ops._masked_attention"], "DKDV_CHUNK_TOKENS", 16)
     layer = make_small_layer().to(dtype)
     compiled = torch.compile(layer, fullgraph=True, dynamic=dynamic)
 
