@@ -28,10 +28,11 @@ def triton_custom_op(name: str, *, inline_when: Callable[..., bool] | None = Non
 
     This is ``torch.library.triton_op`` limited to CUDA. Under ``torch.compile`` (AOTAutograd's
     FunctionalTensorMode), a call on CUDA tensors is traced through the implementation, so Inductor sees the
-    Triton kernels and launches them from the generated code (no Python op dispatch). Everywhere else the op stays one opaque node: CPU tensors, ``TRITON_INTERPRET=1``,
-    float64 (the PyTorch path, which reads ``cu_seqlens`` on the host), symbolic sizes (``dynamic=True``, see
-    ``_inline_triton``), ``torch.export`` (which keeps ``fsa`` nodes, like ``triton_op``), and calls where
-    ``inline_when(*args, **kwargs)`` is false.
+    Triton kernels and launches them from the generated code (no Python op dispatch). Everywhere else the op
+    stays one opaque node: CPU tensors, ``TRITON_INTERPRET=1``, float64 (the PyTorch path, which reads
+    ``cu_seqlens`` on the host), symbolic sizes (``dynamic=True``, see ``_inline_triton``), ``torch.export``
+    (which keeps ``fsa`` nodes, like ``triton_op``), and calls where ``inline_when(*args, **kwargs)`` is false.
+
     ``triton_op`` itself does not fit: it registers the implementation as the fake and inlines it on every
     device, and ``wrap_triton`` cannot trace the interpreter's kernels.
     """
