@@ -161,8 +161,8 @@ def test_realistic_sizes_bf16(group):
 @pytest.mark.parametrize("selection,num_tokens", [((8, 8, 8, 64, 1, 2), 600), ((64, 32, 128, 4, 1, 1), 700)],
                          ids=["topk64-bs8", "topk4-bs128"])
 def test_triton_kernel_at_the_limits_of_topk_and_block_size(selection, num_tokens):
-    """topk = 64 over up to 75 candidate blocks (64-key sorts and bitonic merges per step) and block_size = 128: the fused Triton
-    kernel picks the same blocks as the PyTorch kernel (float32, fixed inputs without near-ties)."""
+    """topk = 64 over up to 75 candidate blocks (64-key sorts and bitonic merges per step) and block_size = 128:
+    the fused Triton kernel picks the same blocks as the PyTorch kernel (float32, fixed inputs without near-ties)."""
     if DEVICE != "cpu":
         pytest.skip("compares against the PyTorch CPU kernel")
     ks, stride, bs, topk, init, local = selection
