@@ -111,6 +111,26 @@ FSA_TRITON_KERNELS = {
 }
 
 
+def _training_step(model):
+    """x -> model(x), after the backward of a sum-of-squares loss (x.grad and the parameter grads are set)."""
+    def step(x):
+        out = model(x)
+        out.float().square().sum().backward()
+        return out
+    return step
+
+
+def _assert_step_matches_eager(layer, x, out, ratio):
+    """out and the grads a compiled ``_training_step`` left on x and the layer match one eager step."""
+    got = [x.grad, *(p.grad for p in layer.parameters())]
+    layer.zero_grad()
+    x_eager = x.detach().requires_grad_()
+    want = _training_step(layer)(x_eager)
+    assert_close("out", want, out, ratio)
+    for i, (g, e) in enumerate(zip(got, [x_eager.grad, *(p.grad for p in layer.parameters())])):
+        assert_close(f"grad {i}", e, g, ratio)
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(DEVICE != "cuda", reason="the ops are traced into Triton kernels on CUDA only")
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
@@ -124,15 +144,9 @@ def test_cuda_compile_launches_the_triton_kernels_from_generated_code(dtype, dyn
     monkeypatch.setattr(sys.modules["fsa_compile.ops._masked_attention"], "DKDV_CHUNK_TOKENS", 16)
     layer = make_small_layer().to(dtype)
     compiled = torch.compile(layer, fullgraph=True, dynamic=dynamic)
-
-    def step(x):
-        out = compiled(x)
-        out.float().square().sum().backward()
-        return out
-
     x = torch.randn(2, 77, 64, device=DEVICE, dtype=dtype, requires_grad=True)
     with torch._inductor.config.patch(force_disable_caches=True):
-        out, codes = run_and_get_code(step, x)
+        out, codes = run_and_get_code(_training_step(compiled), x)
     code = "\n".join(codes)
     fsa_calls = set(re.findall(r"torch\.ops\.fsa\.(\w+)", code))
     launched = set(re.findall(r"(_\w+_kernel)", code))
@@ -142,15 +156,8 @@ def test_cuda_compile_launches_the_triton_kernels_from_generated_code(dtype, dyn
         assert not fsa_calls, fsa_calls
         assert FSA_TRITON_KERNELS <= launched, FSA_TRITON_KERNELS - launched
         assert any(name.startswith("_selected_attention_") for name in launched), sorted(launched)
-    got = [x.grad, *(p.grad for p in layer.parameters())]
-    layer.zero_grad()
-    x_eager = x.detach().requires_grad_()
-    want = layer(x_eager)
-    want.float().square().sum().backward()
     # Relative RMS: in bf16 the compiled projections round differently, which may flip a near-tied selection.
-    assert_close("out", want, out, RATIO[dtype])
-    for i, (g, e) in enumerate(zip(got, [x_eager.grad, *(p.grad for p in layer.parameters())])):
-        assert_close(f"grad {i}", e, g, RATIO[dtype])
+    _assert_step_matches_eager(layer, x, out, RATIO[dtype])
 
 
 @pytest.mark.gpu
@@ -167,20 +174,7 @@ def test_cuda_static_compile_picks_launch_settings_that_fit(monkeypatch):
     layer = fsa_compile.FlashSparseAttention(128, 2, 1, 256, **config).to(DEVICE)
     x = torch.randn(1, 301, 128, device=DEVICE, requires_grad=True)
     compiled = torch.compile(layer, fullgraph=True, dynamic=False)
-
-    def step(x):
-        out = compiled(x)
-        out.square().sum().backward()
-        return out
-
-    out, codes = run_and_get_code(step, x)
+    out, codes = run_and_get_code(_training_step(compiled), x)
     assert "torch.ops.fsa" not in "\n".join(codes)
     assert any(index > 0 for index in _launch._FITTING_SETTINGS.values()), _launch._FITTING_SETTINGS
-    got = [x.grad, *(p.grad for p in layer.parameters())]
-    layer.zero_grad()
-    x_eager = x.detach().requires_grad_()
-    want = layer(x_eager)
-    want.square().sum().backward()
-    assert_close("out", want, out, RATIO[torch.float32])
-    for i, (g, e) in enumerate(zip(got, [x_eager.grad, *(p.grad for p in layer.parameters())])):
-        assert_close(f"grad {i}", e, g, RATIO[torch.float32])
+    _assert_step_matches_eager(layer, x, out, RATIO[torch.float32])
