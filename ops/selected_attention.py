@@ -32,6 +32,7 @@ from . import _validation as check
 from ._kernels.common import next_power_of_2
 from ._kernels.selected_fsa import (
     _selected_attention_fsa_bwd_kernel,
+    _selected_attention_fsa_dq_sum_kernel,
     _selected_attention_fsa_fwd_kernel,
     _selected_attention_fsa_merge_kernel,
     _selection_keys_kernel,
@@ -168,8 +169,8 @@ def _launch_config(q, k, v, indices, block_size):
 FSA_FWD = dict(block_m=64, steps=16, num_warps=4, num_stages=1)
 FSA_BWD = dict(block_m=128, steps=16, num_warps=8, num_stages=2)
 NSA_LAUNCH = dict(num_warps=4, num_stages=2)
-# The FSA forward keeps one partial output per (token, selected block), topk times the output; it runs over
-# chunks of tokens whose partials fit in this many bytes.
+# The FSA forward keeps one partial output per (token, selected block), topk times the output, and the backward
+# one partial dq; both run over chunks of tokens whose partials fit in this many bytes.
 FSA_PARTIAL_BYTES = 2 << 30
 # Smaller settings tried in order when the tuned ones need more shared memory than the GPU has (float32
 # inputs, head dims above 128).
@@ -213,17 +214,22 @@ def _selected_attention_fwd(q, k, v, indices, block_size, scale, cu_seqlens, imp
         )
         return o, lse
     # One partial output per (token, selected block): process tokens in chunks so that they stay in budget.
-    topk = indices.shape[-1]
-    bytes_per_token = hkv * topk * group * (v.shape[-1] * q.element_size() + 4)
-    chunk = max(1, FSA_PARTIAL_BYTES // bytes_per_token)
-    flat_indices = indices.view(batch * num_queries, hkv, topk)
-    for first_token in range(0, batch * num_queries, chunk):
-        num_tokens = min(chunk, batch * num_queries - first_token)
+    flat_indices = indices.view(batch * num_queries, hkv, -1)
+    for first_token, chunk_indices in _token_chunks(flat_indices, group * (v.shape[-1] * q.element_size() + 4)):
         _selected_attention_fsa_fwd_chunk(
-            q, k, v, flat_indices[first_token : first_token + num_tokens], first_token, o, lse, scale, config,
-            cu_seqlens, query_rows, sequence_starts, block_size,
+            q, k, v, chunk_indices, first_token, o, lse, scale, config, cu_seqlens, query_rows, sequence_starts,
+            block_size,
         )
     return o, lse
+
+
+def _token_chunks(flat_indices, bytes_per_entry):
+    """(first_token, indices [N, Hkv, topk]) chunks of the flattened tokens whose per-entry partial buffers
+    (``bytes_per_entry`` each) fit in FSA_PARTIAL_BYTES."""
+    num_tokens = flat_indices.shape[0]
+    chunk = max(1, FSA_PARTIAL_BYTES // (flat_indices[0].numel() * bytes_per_entry))
+    for first_token in range(0, num_tokens, chunk):
+        yield first_token, flat_indices[first_token : first_token + chunk]
 
 
 def _selected_attention_fsa_fwd_chunk(
@@ -282,20 +288,44 @@ def _selected_attention_bwd(do, dlse, q, k, v, o, lse, indices, block_size, scal
             fitting_key("nsa_bwd", q, config),
         )
         return dq, dk.to(k.dtype), dv.to(v.dtype)
-    dq = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
+    dq = torch.empty_like(q)
+    flat_indices = indices.view(batch * num_queries, hkv, -1)
+    for first_token, chunk_indices in _token_chunks(flat_indices, hq // hkv * d * q.element_size()):
+        _selected_attention_fsa_bwd_chunk(
+            do, q, k, v, lse.contiguous(), delta, chunk_indices, first_token, dq, dk, dv, scale, config, cu_seqlens,
+            query_rows, sequence_starts, block_size,
+        )
+    return dq, dk.to(k.dtype), dv.to(v.dtype)
+
+
+def _selected_attention_fsa_bwd_chunk(
+    do, q, k, v, lse, delta, indices, first_token, dq, dk, dv, scale, config, cu_seqlens, query_rows,
+    sequence_starts, block_size,
+):
+    """FSA backward of the flattened tokens ``first_token .. first_token + len(indices)``: writes their dq rows,
+    adds to dk, dv (float32)."""
+    num_queries, hkv = q.shape[1], k.shape[2]
+    group = q.shape[2] // hkv
+    num_tokens, _, topk = indices.shape
+    dq_partial = q.new_empty(indices.numel(), group, q.shape[-1])
 
     def launch(settings):
         work, work_config = _fsa_work(
-            k, indices.view(batch * num_queries, hkv, -1), 0, num_queries, cu_seqlens, query_rows, sequence_starts,
-            block_size, hq // hkv, settings,
+            k, indices, first_token, num_queries, cu_seqlens, query_rows, sequence_starts, block_size, group, settings
         )
         fitted_kernel(_selected_attention_fsa_bwd_kernel, (work["item_keys"].shape[0],))(
-            q=q, k=k, v=v, do=do, lse=lse.contiguous(), delta=delta, **work, query_rows=query_rows, dq=dq, dk=dk,
-            dv=dv, scale=scale, first_token=0, Tq=num_queries, Tk=k.shape[1], **config, **work_config,
+            q=q, k=k, v=v, do=do, lse=lse, delta=delta, **work, query_rows=query_rows, dq_partial=dq_partial, dk=dk,
+            dv=dv, scale=scale, first_token=first_token, Tq=num_queries, Tk=k.shape[1], **config, **work_config,
         )
+        return work_config
 
-    launch_fitting(launch, (FSA_BWD, *FSA_FALLBACKS), fitting_key("fsa_bwd", q, config))
-    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+    work_config = launch_fitting(launch, (FSA_BWD, *FSA_FALLBACKS), fitting_key("fsa_bwd", q, config))
+    block_r = max(16, work_config["GP"])
+    wrap_triton(_selected_attention_fsa_dq_sum_kernel)[(triton.cdiv(num_tokens, block_r // work_config["GP"]), hkv)](
+        dq_partial=dq_partial, indices=indices, query_rows=query_rows, sequence_starts=sequence_starts, dq=dq,
+        first_token=first_token, num_tokens=num_tokens, Tq=num_queries, HKV=hkv, G=group, GP=work_config["GP"],
+        TOPK=topk, BS=block_size, D=q.shape[-1], BLOCK_R=block_r, BLOCK_D=config["BLOCK_D"],
+    )
 
 
 @triton_custom_op("selected_attention")

@@ -11,18 +11,29 @@ Forward: ``_selected_attention_fsa_fwd_kernel`` writes, per entry, the block's n
 ``o_partial [E, G, DV]`` (input dtype) and its log-sum-exp ``lse_partial [E, G]`` (float32, -inf for empty
 slots); ``_selected_attention_fsa_merge_kernel`` merges the ``TOPK`` partials of every (token, head) with a
 max-shifted log-sum-exp.
-Backward: ``_selected_attention_fsa_bwd_kernel`` recomputes p per step, adds dq with atomics, and keeps the
-work item's dk/dv in registers until one atomic add at the end.
+Backward: ``_selected_attention_fsa_bwd_kernel`` recomputes p per step, writes each entry's dq contribution
+``dq_partial [E, G, D]`` (input dtype), and keeps the work item's dk/dv in registers until one atomic add at the
+end; ``_selected_attention_fsa_dq_sum_kernel`` adds the TOPK contributions of every (token, head) in float32.
+Partials rather than float32 dq atomics: the 16 scattered read-modify-writes of every dq row miss L2 and cost
+twice the bytes of writing and reading a bf16 partial.
 
 Work-item arrays (int32 [num_items]): ``item_keys``, ``item_starts`` (offset into ``sorted_entries``),
-``item_lengths`` (0 for unused items). Entry e = ((b * Tq + t - first_token) * HKV + h) * TOPK + slot: the
-forward runs over chunks of flattened tokens to bound the partial buffers; the backward passes first_token=0.
+``item_lengths`` (0 for unused items). Entry e = ((b * Tq + t - first_token) * HKV + h) * TOPK + slot: both
+passes run over chunks of flattened tokens to bound the partial buffers.
 """
 
 import triton
 import triton.language as tl
 
 from .common import finish_softmax, finite_or_zero, fp32_scales, load_gradient_rows, masked_scores
+
+
+@triton.jit
+def _is_read(block, t, query_rows, sequence_start, mask, BS: tl.constexpr):
+    """Whether the selection of ``block`` by the query at position t of its batch row is attended: an index outside
+    ``[0, t's own block]`` is ignored (treated as -1)."""
+    last_block = (tl.load(query_rows + t, mask=mask, other=0) - sequence_start) // BS
+    return mask & (block >= 0) & (block <= last_block)
 
 
 @triton.jit
@@ -39,9 +50,8 @@ def _selection_keys_kernel(
     t = token % Tq
     block = tl.load(indices + entry, mask=in_range, other=-1).to(tl.int64)
     sequence_start = tl.load(sequence_starts + t, mask=in_range, other=0).to(tl.int64)
-    last_block = (tl.load(query_rows + t, mask=in_range, other=0) - sequence_start) // BS
     key = ((token // Tq) * HKV + h) * Tk + sequence_start + block * BS
-    key = tl.where((block >= 0) & (block <= last_block), key, invalid_key)
+    key = tl.where(_is_read(block, t, query_rows, sequence_start, in_range, BS), key, invalid_key)
     tl.store(keys + entry, key.to(keys.dtype.element_ty), mask=in_range)
 
 
@@ -160,7 +170,7 @@ def _selected_attention_fsa_merge_kernel(
 @triton.jit
 def _selected_attention_fsa_bwd_kernel(
     q, k, v, do, lse, delta, item_keys, item_starts, item_lengths, sorted_entries, query_rows,
-    dq, dk, dv, scale,
+    dq_partial, dk, dv, scale,
     first_token, Tq, Tk,
     HQ: tl.constexpr, HKV: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, TOPK: tl.constexpr, BS: tl.constexpr,
     D: tl.constexpr, DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -188,8 +198,39 @@ def _selected_attention_fsa_bwd_kernel(
         dp = tl.dot(dov, vt, input_precision=INPUT_PRECISION)
         ds = p * (dp - row_delta[:, None])
         dq_step = tl.dot(ds.to(kt.dtype), tl.trans(kt), input_precision=INPUT_PRECISION) * scale  # [BLOCK_M, BLOCK_D]
-        tl.atomic_add(dq + head_row[:, None] * D + offs_d[None, :], dq_step, mask=row_mask[:, None] & (offs_d[None, :] < D), sem="relaxed")
+        tl.store(dq_partial + (entry * G + g)[:, None] * D + offs_d[None, :], dq_step.to(dq_partial.dtype.element_ty),
+                 mask=row_mask[:, None] & (offs_d[None, :] < D))
         dk_acc += tl.dot(tl.trans(ds).to(qv.dtype), qv, input_precision=INPUT_PRECISION)
         dv_acc += tl.dot(tl.trans(p).to(dov.dtype), dov, input_precision=INPUT_PRECISION)
     tl.atomic_add(dk + kv_row[:, None] * D + offs_d[None, :], dk_acc * scale, mask=key_mask[:, None] & (offs_d[None, :] < D), sem="relaxed")
     tl.atomic_add(dv + kv_row[:, None] * DV + offs_dv[None, :], dv_acc, mask=key_mask[:, None] & (offs_dv[None, :] < DV), sem="relaxed")
+
+
+@triton.jit
+def _selected_attention_fsa_dq_sum_kernel(
+    dq_partial, indices, query_rows, sequence_starts, dq, first_token, num_tokens, Tq,
+    HKV: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, TOPK: tl.constexpr, BS: tl.constexpr, D: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """dq [B*Tq, HQ, D] of BLOCK_R // GP tokens of one KV head: the float32 sum of their attended entries' rows of
+    dq_partial (numbered from the chunk's first token, like ``indices [num_tokens, HKV, TOPK]``)."""
+    h = tl.program_id(1)
+    offs_r = tl.arange(0, BLOCK_R)
+    offs_d = tl.arange(0, BLOCK_D)
+    token = tl.program_id(0).to(tl.int64) * (BLOCK_R // GP) + offs_r // GP
+    g = offs_r % GP
+    row_mask = (token < num_tokens) & (g < G)
+    t = (first_token + token) % Tq
+    sequence_start = tl.load(sequence_starts + t, mask=row_mask, other=0).to(tl.int64)
+    acc = tl.zeros([BLOCK_R, BLOCK_D], tl.float32)
+    for slot in range(TOPK):
+        entry = (token * HKV + h) * TOPK + slot
+        block = tl.load(indices + entry, mask=row_mask, other=-1)
+        read = _is_read(block, t, query_rows, sequence_start, row_mask, BS)
+        acc += tl.load(
+            dq_partial + (entry * G + g)[:, None] * D + offs_d[None, :], mask=read[:, None] & (offs_d[None, :] < D),
+            other=0.0,
+        ).to(tl.float32)
+    head_row = (first_token + token) * (HKV * G) + h * G + g
+    tl.store(dq + head_row[:, None] * D + offs_d[None, :], acc.to(dq.dtype.element_ty),
+             mask=row_mask[:, None] & (offs_d[None, :] < D))

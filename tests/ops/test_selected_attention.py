@@ -7,7 +7,7 @@ import fsa_compile
 from fsa_compile import reference
 from fsa_compile.ops.selected_attention import choose_kernel
 from tests._testing import (
-    DEVICE, SELECTED_PATHS, case_params, check_attention, check_on_query_suffix, make_indices, make_qkv,
+    DEVICE, SELECTED_PATHS, case_params, check_attention, check_on_query_suffix, grads, make_indices, make_qkv,
     selected_attention_path,
 )
 
@@ -52,6 +52,9 @@ def test_out_of_range_indices_are_ignored(impl):
     o, lse = torch.ops.fsa.selected_attention(q, k, v, poisoned, 8, None, None, impl)
     torch.testing.assert_close(o, clean_o, rtol=0, atol=1e-6)
     torch.testing.assert_close(lse, clean_lse, rtol=0, atol=1e-6)
+    do, dlse = torch.randn_like(o), torch.randn_like(lse)
+    for got, want in zip(grads((o, lse), (q, k, v), (do, dlse)), grads((clean_o, clean_lse), (q, k, v), (do, dlse))):
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
 
 
 def test_all_blocks_selected_is_causal_attention():
@@ -110,15 +113,20 @@ def test_opcheck(varlen, impl):
 
 
 @pytest.mark.parametrize("budget", [1, 3000], ids=["one-token-chunks", "chunks-across-batch-rows"])
-def test_fsa_forward_in_token_chunks(monkeypatch, budget):
-    """A small partial-buffer budget splits the FSA forward into chunks, also across batch rows."""
+@pytest.mark.parametrize("varlen", [False, True], ids=["dense", "varlen"])
+def test_fsa_in_token_chunks(monkeypatch, budget, varlen):
+    """A small partial-buffer budget splits the FSA forward and backward into chunks of tokens, also across batch
+    rows and sequences."""
     # sys.modules: the package attribute ``fsa_compile.ops.selected_attention`` is the op, not the module.
     monkeypatch.setattr(sys.modules["fsa_compile.ops.selected_attention"], "FSA_PARTIAL_BYTES", budget)
-    q, k, v = make_qkv(2, 23, 30, 4, 2, 16)
-    indices = make_indices(2, 23, 30, 2, 8, 3)
+    batch, cu = (1, torch.tensor([0, 9, 23], dtype=torch.int32, device=DEVICE)) if varlen else (2, None)
+    q, k, v = make_qkv(batch, 23, 30 if cu is None else 23, 4, 2, 16)
+    indices = make_indices(batch, 23, 30 if cu is None else 23, 2, 8, 3, cu)
     with selected_attention_path("fsa") as impl:
-        out = torch.ops.fsa.selected_attention(q, k, v, indices, 8, None, None, impl)
-    check_attention(out, lambda q, k, v: reference.selected_attention(q, k, v, indices, 8), (q, k, v), torch.float32)
+        out = torch.ops.fsa.selected_attention(q, k, v, indices, 8, None, cu, impl)
+    check_attention(
+        out, lambda q, k, v: reference.selected_attention(q, k, v, indices, 8, cu_seqlens=cu), (q, k, v), torch.float32
+    )
 
 
 def realistic_indices(batch, num_queries, hkv, block_size, topk):
