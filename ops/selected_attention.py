@@ -168,7 +168,7 @@ def _launch_config(q, k, v, indices, block_size):
 # {1, 4}: block_m = query rows per dot; steps = dots per work item (a KV block is loaded once per
 # block_m * steps rows); merge_rows = query rows per program of the forward's merge kernel, which attends the local
 # blocks of its tile itself. The backward keeps dk/dv accumulators in registers, so it wants more warps.
-FSA_FWD = dict(block_m=64, steps=16, num_warps=4, num_stages=1, merge_rows=64)
+FSA_FWD = dict(block_m=64, steps=16, num_warps=4, num_stages=1, merge_rows=64, merge_warps=4)
 FSA_BWD = dict(block_m=128, steps=16, num_warps=8, num_stages=2)
 NSA_LAUNCH = dict(num_warps=4, num_stages=2)
 # The FSA forward keeps one partial output per (token, selected block), topk times the output, and the backward
@@ -177,8 +177,8 @@ FSA_PARTIAL_BYTES = 2 << 30
 # Smaller settings tried in order when the tuned ones need more shared memory than the GPU has (float32
 # inputs, head dims above 128).
 FSA_FALLBACKS = (
-    dict(block_m=64, steps=16, num_warps=4, num_stages=1, merge_rows=32),
-    dict(block_m=16, steps=32, num_warps=4, num_stages=1, merge_rows=16),
+    dict(block_m=64, steps=16, num_warps=4, num_stages=1, merge_rows=32, merge_warps=4),
+    dict(block_m=16, steps=32, num_warps=4, num_stages=1, merge_rows=16, merge_warps=4),
 )
 NSA_FALLBACKS = (dict(num_warps=4, num_stages=1),)
 
@@ -265,7 +265,7 @@ def _selected_attention_fsa_fwd_chunk(
             num_tokens=num_tokens, Tq=num_queries, Tk=k.shape[1], HKV=hkv, G=group, GP=gp, TOPK=topk, BS=block_size,
             D=q.shape[-1], DV=v.shape[-1], BLOCK_R=merge_rows, BLOCK_S=config["BLOCK_S"], BLOCK_D=config["BLOCK_D"],
             BLOCK_DV=config["BLOCK_DV"], BLOCK_TOPK=next_power_of_2(topk, 2), LOCAL=True,
-            INPUT_PRECISION=config["INPUT_PRECISION"], num_warps=4,
+            INPUT_PRECISION=config["INPUT_PRECISION"], num_warps=settings["merge_warps"],
         )
 
     launch_fitting(launch, (FSA_FWD, *FSA_FALLBACKS), fitting_key("fsa_fwd", q, config))

@@ -155,15 +155,16 @@ def _selected_attention_fsa_fwd_kernel(
 
 @triton.jit
 def _local_attention(
-    q, k, v, indices, query_rows, sequence_starts, scale, first_token, tile, token, h, g, row_mask, Tq, Tk,
+    q, k, v, indices, query_rows, sequence_starts, scale, first_token, tile, token, h, g, row_mask, m_i, l_i, acc,
+    Tq, Tk,
     HKV: tl.constexpr, G: tl.constexpr, TOPK: tl.constexpr, BS: tl.constexpr, D: tl.constexpr,
     DV: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_DV: tl.constexpr, BLOCK_TOPK: tl.constexpr, INPUT_PRECISION: tl.constexpr,
 ):
-    """Attention of a tile of rows (tokens of one sequence) over their selected local blocks (``_is_local``),
-    query-centrically: each candidate block is loaded once for the whole tile. ``tile`` and ``token`` count from
-    the chunk's ``first_token``. -> the online-softmax state (max in natural log, sum, unnormalised output
-    [BLOCK_R, BLOCK_DV])."""
+    """Fold the selected local blocks (``_is_local``) of a tile of rows (tokens of one sequence) into the online
+    softmax state (m_i base-2 max, l_i sum, acc [BLOCK_R, BLOCK_DV] unnormalised output), query-centrically: each
+    candidate block is loaded once for the whole tile. ``tile`` and ``token`` count from the chunk's
+    ``first_token``."""
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
     offs_s = tl.arange(0, BLOCK_S)
@@ -184,9 +185,6 @@ def _local_attention(
     key_base = (tile_first // Tq) * Tk + tile_start  # flat row of the sequence's first key
     first_own = (tl.load(query_rows + tile_first % Tq) - tile_start) // BS
     last_own = tl.max(tl.where(row_mask, own_block, -1), 0)
-    m_i = tl.full([BLOCK_R], float("-inf"), tl.float32)
-    l_i = tl.zeros([BLOCK_R], tl.float32)
-    acc = tl.zeros([BLOCK_R, BLOCK_DV], tl.float32)
     lowest = tl.maximum(first_own - 1, 0)
     # Candidates: block 0, then blocks lowest..last_own (step lowest - 1 stands for block 0 when lowest > 0).
     for step in range(lowest - 1, last_own + 1):
@@ -203,7 +201,7 @@ def _local_attention(
                 mask = member[:, None] & key_mask[None, :] & (tile_start + key_row[None, :] <= query_row[:, None])
                 s = masked_scores(qv, kt, mask, qk_scale, INPUT_PRECISION)
                 m_i, l_i, acc = online_softmax_step(s, m_i, l_i, acc, vv, INPUT_PRECISION)
-    return m_i * 0.6931471805599453, l_i, acc
+    return m_i, l_i, acc
 
 
 @triton.jit
@@ -214,9 +212,9 @@ def _selected_attention_fsa_merge_kernel(
     DV: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     BLOCK_TOPK: tl.constexpr, LOCAL: tl.constexpr, INPUT_PRECISION: tl.constexpr,
 ):
-    """o [B*Tq, HQ, DV], lse [B*Tq, HQ] of a tile of BLOCK_R // GP tokens of one KV head: attends the tile's local
-    blocks itself (LOCAL, when the tile lies in one sequence; the forward skipped those entries), then merges the
-    TOPK partials with a max-shifted log-sum-exp (entries without a partial have lse_partial = -inf).
+    """o [B*Tq, HQ, DV], lse [B*Tq, HQ] of a tile of BLOCK_R // GP tokens of one KV head: merges the TOPK partials
+    with a max-shifted log-sum-exp (entries without a partial have lse_partial = -inf), then attends the tile's
+    local blocks itself (LOCAL, when the tile lies in one sequence; the forward skipped those entries).
 
     Partials and ``indices [num_tokens, HKV, TOPK]`` are numbered from the chunk's first token; o, lse rows are
     global."""
@@ -227,21 +225,13 @@ def _selected_attention_fsa_merge_kernel(
     token = tile + offs_r // GP
     g = offs_r % GP
     row_mask = (token < num_tokens) & (g < G)
-    m = tl.full([BLOCK_R], float("-inf"), tl.float32)
+    first_entry = (token * HKV + h) * TOPK
+    m = tl.full([BLOCK_R], float("-inf"), tl.float32)  # base 2 from here on
     l = tl.zeros([BLOCK_R], tl.float32)
     acc = tl.zeros([BLOCK_R, BLOCK_DV], tl.float32)
-    if LOCAL:
-        tile_last = tl.minimum(tile + BLOCK_R // GP, num_tokens) - 1
-        if _tile_in_one_sequence(first_token + tile, first_token + tile_last, sequence_starts, Tq):
-            m, l, acc = _local_attention(
-                q, k, v, indices, query_rows, sequence_starts, scale, first_token, tile, token, h, g,
-                row_mask, Tq, Tk, HKV, G, TOPK, BS, D, DV, BLOCK_R, BLOCK_S, BLOCK_D, BLOCK_DV, BLOCK_TOPK,
-                INPUT_PRECISION,
-            )
-    first_entry = (token * HKV + h) * TOPK
     for slot in range(TOPK):
         partial_row = (first_entry + slot) * G + g
-        part_lse = tl.load(lse_partial + partial_row, mask=row_mask, other=float("-inf"))
+        part_lse = tl.load(lse_partial + partial_row, mask=row_mask, other=float("-inf")) * 1.4426950408889634
         seen = part_lse > float("-inf")
         part_o = tl.load(
             o_partial + partial_row[:, None] * DV + offs_dv[None, :],
@@ -249,14 +239,20 @@ def _selected_attention_fsa_merge_kernel(
         ).to(tl.float32)
         m_new = tl.maximum(m, part_lse)
         m_safe = finite_or_zero(m_new)
-        alpha = tl.exp(m - m_safe)
-        weight = tl.exp(part_lse - m_safe)
+        alpha = tl.exp2(m - m_safe)
+        weight = tl.exp2(part_lse - m_safe)
         l = l * alpha + weight
         acc = acc * alpha[:, None] + weight[:, None] * part_o
         m = m_new
-    seen = l > 0
-    out = acc / tl.where(seen, l, 1.0)[:, None]
-    row_lse = tl.where(seen, m + tl.log(tl.where(seen, l, 1.0)), float("-inf"))
+    if LOCAL:
+        tile_last = tl.minimum(tile + BLOCK_R // GP, num_tokens) - 1
+        if _tile_in_one_sequence(first_token + tile, first_token + tile_last, sequence_starts, Tq):
+            m, l, acc = _local_attention(
+                q, k, v, indices, query_rows, sequence_starts, scale, first_token, tile, token, h, g, row_mask,
+                m, l, acc, Tq, Tk, HKV, G, TOPK, BS, D, DV, BLOCK_R, BLOCK_S, BLOCK_D, BLOCK_DV, BLOCK_TOPK,
+                INPUT_PRECISION,
+            )
+    out, row_lse = finish_softmax(acc, m, l)
     head_row = (first_token + token) * (HKV * G) + h * G + g
     tl.store(o + head_row[:, None] * DV + offs_dv[None, :], out.to(o.dtype.element_ty),
              mask=row_mask[:, None] & (offs_dv[None, :] < DV))
