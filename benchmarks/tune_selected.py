@@ -55,8 +55,10 @@ def main() -> None:
             continue
         settings = [(64, 16, 4, 2), (64, 16, 4, 1), (64, 16, 4, 3), (64, 16, 8, 2), (64, 8, 4, 2), (64, 32, 4, 2),
                     (128, 16, 8, 2), (128, 16, 4, 2)]
+        tuned_fwd, tuned_bwd = dict(sel.FSA_FWD), dict(sel.FSA_BWD)
         for block_m, steps, warps, stages in settings:
-            sel.FSA_FWD = sel.FSA_BWD = dict(block_m=block_m, steps=steps, num_warps=warps, num_stages=stages)
+            launch = dict(block_m=block_m, steps=steps, num_warps=warps, num_stages=stages)
+            sel.FSA_FWD, sel.FSA_BWD = dict(tuned_fwd, **launch), dict(tuned_bwd, **launch)
             try:
                 fwd = cuda_time_ms(lambda: sel._selected_attention_fwd(q, k, v, indices, 64, None, None, "fsa"), 0.15)
                 bwd = cuda_time_ms(
@@ -67,6 +69,7 @@ def main() -> None:
                 continue
             print(f"G={group} block_m={block_m:3d} steps={steps:2d} warps={warps} stages={stages}: "
                   f"fwd {fwd:7.3f} ms  bwd {bwd:7.3f} ms", flush=True)
+        sel.FSA_FWD, sel.FSA_BWD = tuned_fwd, tuned_bwd
         for warps, stages in [(4, 2), (2, 2), (8, 2)]:
             sel.NSA_LAUNCH = dict(num_warps=warps, num_stages=stages)
             fwd = cuda_time_ms(lambda: sel._selected_attention_fwd(q, k, v, indices, 64, None, None, "nsa"), 0.15)
