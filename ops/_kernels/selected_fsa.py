@@ -10,7 +10,10 @@ dots are full at any G.
 Forward: ``_selected_attention_fsa_fwd_kernel`` writes, per entry, the block's normalised partial output
 ``o_partial [E, G, DV]`` (input dtype) and its log-sum-exp ``lse_partial [E, G]`` (float32, -inf for empty
 slots); ``_selected_attention_fsa_merge_kernel`` merges the ``TOPK`` partials of every (token, head) with a
-max-shifted log-sum-exp.
+max-shifted log-sum-exp. Block 0 and the two blocks ending at a query's own (NSA always selects them, and
+neighbouring queries share them) skip that round trip through partials: ``_selected_attention_fsa_local_kernel``
+attends them query-centrically for tiles of queries of one sequence and writes o, lse, into which the merge
+folds the partials.
 Backward: ``_selected_attention_fsa_bwd_kernel`` recomputes p per step, writes each entry's dq contribution
 ``dq_partial [E, G, D]`` (input dtype), and keeps the work item's dk/dv in registers until one atomic add at the
 end; ``_selected_attention_fsa_dq_sum_kernel`` adds the TOPK contributions of every (token, head) in float32.
@@ -44,7 +47,7 @@ def _is_read(block, own_block, mask):
 
 @triton.jit
 def _is_local(block, own_block):
-    """Blocks the merge kernel attends itself, query-centrically, in tiles of one sequence: block 0 and the two
+    """Blocks the local kernel attends, query-centrically, in tiles of one sequence: block 0 and the two
     blocks ending at the query's own, which NSA always selects and which neighbouring queries share."""
     return (block == 0) | (block >= own_block - 1)
 
@@ -63,8 +66,8 @@ def _selection_keys_kernel(
 ):
     """keys [E]: the sort key of each entry of ``indices [N, HKV, TOPK]`` (the tokens from first_token), or
     ``invalid_key`` for -1 padding, out-of-range and future blocks (they are never read). With LOCAL_TILE > 0 the
-    local blocks (``_is_local``) of queries whose merge tile of LOCAL_TILE tokens lies in one sequence get
-    ``invalid_key`` as well: the merge kernel attends them."""
+    local blocks (``_is_local``) of queries whose local-kernel tile of LOCAL_TILE tokens lies in one sequence get
+    ``invalid_key`` as well: the local kernel attends them."""
     entry = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     in_range = entry < num_entries
     local_token = entry // (HKV * TOPK)
@@ -205,19 +208,16 @@ def _local_attention(
 
 
 @triton.jit
-def _selected_attention_fsa_merge_kernel(
-    o_partial, lse_partial, o, lse, q, k, v, indices, query_rows, sequence_starts, scale, first_token, num_tokens,
-    Tq, Tk,
+def _selected_attention_fsa_local_kernel(
+    q, k, v, indices, query_rows, sequence_starts, o, lse, scale, first_token, num_tokens, Tq, Tk,
     HKV: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, TOPK: tl.constexpr, BS: tl.constexpr, D: tl.constexpr,
     DV: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-    BLOCK_TOPK: tl.constexpr, LOCAL: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    BLOCK_TOPK: tl.constexpr, INPUT_PRECISION: tl.constexpr,
 ):
-    """o [B*Tq, HQ, DV], lse [B*Tq, HQ] of a tile of BLOCK_R // GP tokens of one KV head: merges the TOPK partials
-    with a max-shifted log-sum-exp (entries without a partial have lse_partial = -inf), then attends the tile's
-    local blocks itself (LOCAL, when the tile lies in one sequence; the forward skipped those entries).
-
-    Partials and ``indices [num_tokens, HKV, TOPK]`` are numbered from the chunk's first token; o, lse rows are
-    global."""
+    """o [B*Tq, HQ, DV], lse [B*Tq, HQ] of a tile of BLOCK_R // GP tokens of one KV head over their selected local
+    blocks only, when the tile lies in one sequence (the KV-block-centric pass skipped those entries); 0 and -inf
+    otherwise. The merge kernel then folds in the partials. ``indices [num_tokens, HKV, TOPK]`` count from the
+    chunk's first token."""
     h = tl.program_id(1)
     offs_r = tl.arange(0, BLOCK_R)
     offs_dv = tl.arange(0, BLOCK_DV)
@@ -225,13 +225,49 @@ def _selected_attention_fsa_merge_kernel(
     token = tile + offs_r // GP
     g = offs_r % GP
     row_mask = (token < num_tokens) & (g < G)
-    first_entry = (token * HKV + h) * TOPK
-    m = tl.full([BLOCK_R], float("-inf"), tl.float32)  # base 2 from here on
+    m = tl.full([BLOCK_R], float("-inf"), tl.float32)
     l = tl.zeros([BLOCK_R], tl.float32)
     acc = tl.zeros([BLOCK_R, BLOCK_DV], tl.float32)
+    tile_last = tl.minimum(tile + BLOCK_R // GP, num_tokens) - 1
+    if _tile_in_one_sequence(first_token + tile, first_token + tile_last, sequence_starts, Tq):
+        m, l, acc = _local_attention(
+            q, k, v, indices, query_rows, sequence_starts, scale, first_token, tile, token, h, g, row_mask, m, l, acc,
+            Tq, Tk, HKV, G, TOPK, BS, D, DV, BLOCK_R, BLOCK_S, BLOCK_D, BLOCK_DV, BLOCK_TOPK, INPUT_PRECISION,
+        )
+    out, row_lse = finish_softmax(acc, m, l)
+    head_row = (first_token + token) * (HKV * G) + h * G + g
+    tl.store(o + head_row[:, None] * DV + offs_dv[None, :], out.to(o.dtype.element_ty),
+             mask=row_mask[:, None] & (offs_dv[None, :] < DV))
+    tl.store(lse + head_row, row_lse, mask=row_mask)
+
+
+@triton.jit
+def _selected_attention_fsa_merge_kernel(
+    o_partial, lse_partial, o, lse, first_token, num_tokens,
+    HKV: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, TOPK: tl.constexpr, DV: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_DV: tl.constexpr,
+):
+    """Merge the TOPK partials of BLOCK_R // GP tokens of one KV head into o [B*Tq, HQ, DV], lse [B*Tq, HQ], which
+    hold the local kernel's result on entry (one more partial). Max-shifted log-sum-exp; entries without a partial
+    have lse_partial = -inf.
+
+    Partials are numbered from the chunk's first token; o and lse rows are global."""
+    h = tl.program_id(1)
+    offs_r = tl.arange(0, BLOCK_R)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    token = tl.program_id(0).to(tl.int64) * (BLOCK_R // GP) + offs_r // GP
+    g = offs_r % GP
+    row_mask = (token < num_tokens) & (g < G)
+    head_row = (first_token + token) * (HKV * G) + h * G + g
+    out_offsets = head_row[:, None] * DV + offs_dv[None, :]
+    out_mask = row_mask[:, None] & (offs_dv[None, :] < DV)
+    m = tl.load(lse + head_row, mask=row_mask, other=float("-inf"))
+    l = tl.where(m > float("-inf"), 1.0, 0.0)
+    acc = tl.load(o + out_offsets, mask=out_mask & (m > float("-inf"))[:, None], other=0.0).to(tl.float32)
+    first_entry = (token * HKV + h) * TOPK
     for slot in range(TOPK):
         partial_row = (first_entry + slot) * G + g
-        part_lse = tl.load(lse_partial + partial_row, mask=row_mask, other=float("-inf")) * 1.4426950408889634
+        part_lse = tl.load(lse_partial + partial_row, mask=row_mask, other=float("-inf"))
         seen = part_lse > float("-inf")
         part_o = tl.load(
             o_partial + partial_row[:, None] * DV + offs_dv[None, :],
@@ -239,23 +275,15 @@ def _selected_attention_fsa_merge_kernel(
         ).to(tl.float32)
         m_new = tl.maximum(m, part_lse)
         m_safe = finite_or_zero(m_new)
-        alpha = tl.exp2(m - m_safe)
-        weight = tl.exp2(part_lse - m_safe)
+        alpha = tl.exp(m - m_safe)
+        weight = tl.exp(part_lse - m_safe)
         l = l * alpha + weight
         acc = acc * alpha[:, None] + weight[:, None] * part_o
         m = m_new
-    if LOCAL:
-        tile_last = tl.minimum(tile + BLOCK_R // GP, num_tokens) - 1
-        if _tile_in_one_sequence(first_token + tile, first_token + tile_last, sequence_starts, Tq):
-            m, l, acc = _local_attention(
-                q, k, v, indices, query_rows, sequence_starts, scale, first_token, tile, token, h, g, row_mask,
-                m, l, acc, Tq, Tk, HKV, G, TOPK, BS, D, DV, BLOCK_R, BLOCK_S, BLOCK_D, BLOCK_DV, BLOCK_TOPK,
-                INPUT_PRECISION,
-            )
-    out, row_lse = finish_softmax(acc, m, l)
-    head_row = (first_token + token) * (HKV * G) + h * G + g
-    tl.store(o + head_row[:, None] * DV + offs_dv[None, :], out.to(o.dtype.element_ty),
-             mask=row_mask[:, None] & (offs_dv[None, :] < DV))
+    seen = l > 0
+    out = acc / tl.where(seen, l, 1.0)[:, None]
+    row_lse = tl.where(seen, m + tl.log(tl.where(seen, l, 1.0)), float("-inf"))
+    tl.store(o + out_offsets, out.to(o.dtype.element_ty), mask=out_mask)
     tl.store(lse + head_row, row_lse, mask=row_mask)
 
 

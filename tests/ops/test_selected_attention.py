@@ -131,8 +131,8 @@ def test_fsa_in_token_chunks(monkeypatch, budget, varlen):
 
 @pytest.mark.parametrize("varlen", [False, True], ids=["dense", "varlen"])
 @pytest.mark.parametrize("group", [1, 4])
-def test_fsa_merge_kernel_attends_the_local_blocks(group, varlen):
-    """Block 0 and the two blocks ending at a query's own are attended by the forward's merge kernel, in tiles of
+def test_fsa_local_kernel_attends_the_local_blocks(group, varlen):
+    """Block 0 and the two blocks ending at a query's own are attended by the forward's local kernel, in tiles of
     one sequence; the KV-block-centric kernel gets the other entries only. With selections of local blocks alone
     it gets no entry at all wherever a tile lies in one sequence, and the result still matches the oracle."""
     module = sys.modules["fsa_compile.ops.selected_attention"]
