@@ -2,7 +2,6 @@
 
     python benchmarks/tune_selected.py --seqlen 65536 --groups 1 4
     python benchmarks/tune_selected.py --seqlen 65536 --groups 4 --partial-gib 1 2 4 8   # FSA_PARTIAL_BYTES
-    python benchmarks/tune_selected.py --seqlen 65536 --groups 1 4 --local   # the forward's local-kernel tile
 """
 
 import argparse
@@ -25,8 +24,6 @@ def main() -> None:
     parser.add_argument("--groups", type=int, nargs="+", default=[1, 4])
     parser.add_argument("--partial-gib", type=float, nargs="*", default=[],
                         help="time the FSA forward at these partial-buffer budgets instead of sweeping launches")
-    parser.add_argument("--local", action="store_true",
-                        help="time the FSA forward over local-kernel tiles (rows, warps) instead of sweeping launches")
     args = parser.parse_args()
     for group in args.groups:
         config = SelectedConfig(seqlen=args.seqlen, group=group)
@@ -44,14 +41,6 @@ def main() -> None:
                 fwd = cuda_time_ms(lambda: sel._selected_attention_fwd(q, k, v, indices, 64, None, None, "fsa"), 0.15)
                 peak = (torch.cuda.max_memory_allocated() - before) / 2**20
                 print(f"G={group} partial budget {gib} GiB: fwd {fwd:7.3f} ms  peak +{peak:.0f} MiB", flush=True)
-            continue
-        if args.local:
-            tuned = dict(sel.FSA_FWD)
-            for rows, warps in [(16, 4), (32, 4), (64, 4), (64, 8), (128, 8)]:
-                sel.FSA_FWD = dict(tuned, local_rows=rows, local_warps=warps)
-                fwd = cuda_time_ms(lambda: sel._selected_attention_fwd(q, k, v, indices, 64, None, None, "fsa"), 0.15)
-                print(f"G={group} local_rows={rows:3d} local_warps={warps}: fwd {fwd:7.3f} ms", flush=True)
-            sel.FSA_FWD = tuned
             continue
         settings = [(64, 16, 4, 2), (64, 16, 4, 1), (64, 16, 4, 3), (64, 16, 8, 2), (64, 8, 4, 2), (64, 32, 4, 2),
                     (128, 16, 8, 2), (128, 16, 4, 2)]

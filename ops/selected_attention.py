@@ -34,7 +34,6 @@ from ._kernels.selected_fsa import (
     _selected_attention_fsa_bwd_kernel,
     _selected_attention_fsa_dq_sum_kernel,
     _selected_attention_fsa_fwd_kernel,
-    _selected_attention_fsa_local_kernel,
     _selected_attention_fsa_merge_kernel,
     _selection_keys_kernel,
 )
@@ -111,12 +110,11 @@ def _token_rows(q: Tensor, k: Tensor, cu_seqlens: Tensor | None) -> tuple[Tensor
 
 
 def _invert_indices(indices, first_token, num_queries, query_rows, sequence_starts, block_size, num_keys, batch,
-                    num_sequences, block_q, local_tile=0):
+                    num_sequences, block_q):
     """Per-KV-block lists of the (query, slot) entries that selected it, cut into work items of <= block_q.
 
     ``indices [N, Hkv, topk]`` are the selections of the flattened tokens ``first_token .. first_token + N`` of
-    ``[B * Tq]``. With ``local_tile`` > 0 the local entries that the local kernel attends (tiles of that
-    many tokens) are left out. Sync-free and sized from shapes (E = N*Hkv*topk entries). Returns int32 (sorted_entries [E],
+    ``[B * Tq]``. Sync-free and sized from shapes (E = N*Hkv*topk entries). Returns int32 (sorted_entries [E],
     item_keys, item_starts, item_lengths [num_items]) as described in ``_kernels/selected_fsa.py``; entries
     are numbered from the chunk's first token.
     """
@@ -129,7 +127,7 @@ def _invert_indices(indices, first_token, num_queries, query_rows, sequence_star
     if keys.numel() > 0:
         wrap_triton(_selection_keys_kernel)[(triton.cdiv(keys.numel(), 1024),)](
             indices, query_rows, sequence_starts, keys, first_token, keys.numel(), num_block_keys, num_queries,
-            num_keys, HKV=hkv, TOPK=topk, BS=block_size, LOCAL_TILE=local_tile, BLOCK=1024,
+            num_keys, HKV=hkv, TOPK=topk, BS=block_size, BLOCK=1024,
         )
     sorted_keys, sorted_entries = torch.sort(keys, stable=True)
     # Entries of block key j: sorted positions [entry_bounds[j], entry_bounds[j + 1]). Not a histogram by
@@ -167,9 +165,8 @@ def _launch_config(q, k, v, indices, block_size):
 
 # Launch settings, tuned on an H100 (torch 2.11, triton 3.6) with benchmarks/tune_selected.py at T=64K, G in
 # {1, 4}: block_m = query rows per dot; steps = dots per work item (a KV block is loaded once per
-# block_m * steps rows); local_rows = query rows per program of the forward's local kernel, which attends block 0
-# and the two blocks ending at a query's own for a tile of queries (the FSA pass skips those entries). The backward keeps dk/dv accumulators in registers, so it wants more warps.
-FSA_FWD = dict(block_m=64, steps=16, num_warps=4, num_stages=1, local_rows=64, local_warps=4)
+# block_m * steps rows). The backward keeps dk/dv accumulators in registers, so it wants more warps.
+FSA_FWD = dict(block_m=64, steps=16, num_warps=4, num_stages=1)
 FSA_BWD = dict(block_m=128, steps=16, num_warps=8, num_stages=2)
 NSA_LAUNCH = dict(num_warps=4, num_stages=2)
 # The FSA forward keeps one partial output per (token, selected block), topk times the output, and the backward
@@ -177,22 +174,19 @@ NSA_LAUNCH = dict(num_warps=4, num_stages=2)
 FSA_PARTIAL_BYTES = 2 << 30
 # Smaller settings tried in order when the tuned ones need more shared memory than the GPU has (float32
 # inputs, head dims above 128).
-FSA_FALLBACKS = (
-    dict(block_m=64, steps=16, num_warps=4, num_stages=1, local_rows=32, local_warps=4),
-    dict(block_m=16, steps=32, num_warps=4, num_stages=1, local_rows=16, local_warps=4),
-)
+FSA_FALLBACKS = (dict(block_m=64, steps=16, num_warps=4, num_stages=1), dict(block_m=16, steps=32, num_warps=4, num_stages=1))
 NSA_FALLBACKS = (dict(num_warps=4, num_stages=1),)
 
 
 def _fsa_work(k, indices, first_token, num_queries, cu_seqlens, query_rows, sequence_starts, block_size, group,
-              settings, local_tile=0):
+              settings):
     """Inverted indices (of the flattened tokens from ``first_token``) and the meta-parameters of one launch."""
     gp = triton.next_power_of_2(group)
     block_m = max(settings["block_m"], gp)
     num_sequences = 1 if cu_seqlens is None else cu_seqlens.shape[0] - 1
     items = _invert_indices(
         indices, first_token, num_queries, query_rows, sequence_starts, block_size, k.shape[1], k.shape[0],
-        num_sequences, block_m // gp * settings["steps"], local_tile,
+        num_sequences, block_m // gp * settings["steps"],
     )
     names = ("sorted_entries", "item_keys", "item_starts", "item_lengths")
     launch = dict(GP=gp, BLOCK_M=block_m, num_warps=settings["num_warps"], num_stages=settings["num_stages"])
@@ -246,36 +240,25 @@ def _selected_attention_fsa_fwd_chunk(
     group = q.shape[2] // hkv
     num_tokens, _, topk = indices.shape
     o_partial = q.new_empty(indices.numel(), group, v.shape[-1])
+    lse_partial = torch.full((indices.numel(), group), float("-inf"), dtype=torch.float32, device=q.device)
 
     def launch(settings):
-        gp = triton.next_power_of_2(group)
-        local_rows = max(settings["local_rows"], gp)
-        # Re-initialised per attempt: which entries get a partial depends on the local kernel's tile.
-        lse_partial = torch.full((indices.numel(), group), float("-inf"), dtype=torch.float32, device=q.device)
         work, work_config = _fsa_work(
-            k, indices, first_token, num_queries, cu_seqlens, query_rows, sequence_starts, block_size, group,
-            settings, local_tile=local_rows // gp,
+            k, indices, first_token, num_queries, cu_seqlens, query_rows, sequence_starts, block_size, group, settings
         )
         fitted_kernel(_selected_attention_fsa_fwd_kernel, (work["item_keys"].shape[0],))(
             q=q, k=k, v=v, **work, query_rows=query_rows, o_partial=o_partial, lse_partial=lse_partial,
             scale=scale, first_token=first_token, Tq=num_queries, Tk=k.shape[1], **config, **work_config,
         )
-        fitted_kernel(_selected_attention_fsa_local_kernel, (triton.cdiv(num_tokens, local_rows // gp), hkv))(
-            q=q, k=k, v=v, indices=indices, query_rows=query_rows, sequence_starts=sequence_starts, o=o, lse=lse,
-            scale=scale, first_token=first_token, num_tokens=num_tokens, Tq=num_queries, Tk=k.shape[1], HKV=hkv,
-            G=group, GP=gp, TOPK=topk, BS=block_size, D=q.shape[-1], DV=v.shape[-1], BLOCK_R=local_rows,
-            BLOCK_S=config["BLOCK_S"], BLOCK_D=config["BLOCK_D"], BLOCK_DV=config["BLOCK_DV"],
-            BLOCK_TOPK=next_power_of_2(topk, 2), INPUT_PRECISION=config["INPUT_PRECISION"],
-            num_warps=settings["local_warps"],
-        )
-        merge_rows = max(16, gp)
-        wrap_triton(_selected_attention_fsa_merge_kernel)[(triton.cdiv(num_tokens, merge_rows // gp), hkv)](
-            o_partial=o_partial, lse_partial=lse_partial, o=o, lse=lse, first_token=first_token,
-            num_tokens=num_tokens, HKV=hkv, G=group, GP=gp, TOPK=topk, DV=v.shape[-1], BLOCK_R=merge_rows,
-            BLOCK_DV=config["BLOCK_DV"],
-        )
+        return work_config
 
-    launch_fitting(launch, (FSA_FWD, *FSA_FALLBACKS), fitting_key("fsa_fwd", q, config))
+    work_config = launch_fitting(launch, (FSA_FWD, *FSA_FALLBACKS), fitting_key("fsa_fwd", q, config))
+    block_r = max(16, work_config["GP"])
+    wrap_triton(_selected_attention_fsa_merge_kernel)[(triton.cdiv(num_tokens, block_r // work_config["GP"]), hkv)](
+        o_partial=o_partial, lse_partial=lse_partial, o=o, lse=lse, first_token=first_token, num_tokens=num_tokens,
+        HKV=hkv, G=group, GP=work_config["GP"], TOPK=topk, DV=v.shape[-1], BLOCK_R=block_r,
+        BLOCK_DV=config["BLOCK_DV"],
+    )
 
 
 def _selected_attention_bwd(do, dlse, q, k, v, o, lse, indices, block_size, scale, cu_seqlens, impl):

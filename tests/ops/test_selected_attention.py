@@ -129,43 +129,6 @@ def test_fsa_in_token_chunks(monkeypatch, budget, varlen):
     )
 
 
-@pytest.mark.parametrize("varlen", [False, True], ids=["dense", "varlen"])
-@pytest.mark.parametrize("group", [1, 4])
-def test_fsa_local_kernel_attends_the_local_blocks(group, varlen):
-    """Block 0 and the two blocks ending at a query's own are attended by the forward's local kernel, in tiles of
-    one sequence; the KV-block-centric kernel gets the other entries only. With selections of local blocks alone
-    it gets no entry at all wherever a tile lies in one sequence, and the result still matches the oracle."""
-    module = sys.modules["fsa_compile.ops.selected_attention"]
-    block_size, num_queries = 8, 75
-    cu = torch.tensor([0, 29, 75], dtype=torch.int32, device=DEVICE) if varlen else None
-    q, k, v = make_qkv(1, num_queries, num_queries, 2 * group, 2, 16)
-    position = torch.arange(num_queries, device=DEVICE)
-    if varlen:
-        position = position - torch.where(position >= 29, 29, 0)
-    own = (position // block_size).view(1, -1, 1, 1).expand(1, num_queries, 2, 1)
-    none = torch.full_like(own, -1)
-    second = torch.where(own >= 2, own - 1, torch.where(own == 1, own, none))
-    # block 0, own - 1, own: ascending, without repeats, -1 last
-    indices = torch.cat([torch.zeros_like(own), second, torch.where(own >= 2, own, none)], -1).to(torch.int32)
-    with selected_attention_path("fsa") as impl:
-        out = torch.ops.fsa.selected_attention(q, k, v, indices, block_size, None, cu, impl)
-    check_attention(
-        out, lambda q, k, v: reference.selected_attention(q, k, v, indices, block_size, cu_seqlens=cu), (q, k, v),
-        torch.float32,
-    )
-    query_rows, sequence_starts = module._token_rows(q, k, cu)
-    tile = 16
-    for local_tile, fsa_entries in ((0, (indices >= 0).sum()), (tile, 0 if not varlen else None)):
-        _, _, _, lengths = module._invert_indices(
-            indices.view(num_queries, 2, 3), 0, num_queries, query_rows, sequence_starts, block_size, num_queries, 1,
-            1 if cu is None else 2, 64, local_tile,
-        )
-        if fsa_entries is None:  # varlen: only the tile that holds tokens of both sequences keeps its entries
-            assert 0 < lengths.sum() <= tile * 2 * 3
-        else:
-            assert lengths.sum() == fsa_entries
-
-
 def realistic_indices(batch, num_queries, hkv, block_size, topk):
     """Block 0 and the two blocks ending at each query's own block, then random causal blocks (vectorised)."""
     num_blocks = -(-num_queries // block_size)
