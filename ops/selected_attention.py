@@ -15,7 +15,7 @@ Kernels:
   ``choose_kernel``. float32 inputs use IEEE-exact dots (no TF32). float64 falls back to PyTorch.
 - CPU: vectorised PyTorch that gathers each query's selected blocks, chunked over queries.
 
-The Triton backwards add dk/dv (the NSA kernel also dq) with atomics: run-to-run float differences. Under
+The Triton backwards add dk/dv with atomics (dq is deterministic): run-to-run float differences. Under
 ``torch.use_deterministic_algorithms(True)`` the backward runs the PyTorch kernel on any device instead:
 deterministic but slower. The forward and the other ops are deterministic either way.
 """
