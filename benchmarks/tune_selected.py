@@ -2,7 +2,6 @@
 
     python benchmarks/tune_selected.py --seqlen 65536 --groups 1 4
     python benchmarks/tune_selected.py --seqlen 65536 --groups 4 --partial-gib 1 2 4 8   # FSA_PARTIAL_BYTES
-    python benchmarks/tune_selected.py --seqlen 65536 --groups 1 4 --group-mib 0 8 16 32   # FSA_GROUP_BYTES
 """
 
 import argparse
@@ -25,8 +24,6 @@ def main() -> None:
     parser.add_argument("--groups", type=int, nargs="+", default=[1, 4])
     parser.add_argument("--partial-gib", type=float, nargs="*", default=[],
                         help="time the FSA forward at these partial-buffer budgets instead of sweeping launches")
-    parser.add_argument("--group-mib", type=float, nargs="*", default=[],
-                        help="time the FSA forward and backward at these L2 token-group sizes (0: no grouping)")
     args = parser.parse_args()
     for group in args.groups:
         config = SelectedConfig(seqlen=args.seqlen, group=group)
@@ -44,17 +41,6 @@ def main() -> None:
                 fwd = cuda_time_ms(lambda: sel._selected_attention_fwd(q, k, v, indices, 64, None, None, "fsa"), 0.15)
                 peak = (torch.cuda.max_memory_allocated() - before) / 2**20
                 print(f"G={group} partial budget {gib} GiB: fwd {fwd:7.3f} ms  peak +{peak:.0f} MiB", flush=True)
-            continue
-        if args.group_mib:
-            tuned = sel.FSA_GROUP_BYTES
-            for mib in args.group_mib:
-                sel.FSA_GROUP_BYTES = int(mib * 2**20)
-                fwd = cuda_time_ms(lambda: sel._selected_attention_fwd(q, k, v, indices, 64, None, None, "fsa"), 0.15)
-                bwd = cuda_time_ms(
-                    lambda: sel._selected_attention_bwd(do, None, q, k, v, o, lse, indices, 64, None, None, "fsa"), 0.15
-                )
-                print(f"G={group} token groups of {mib} MiB: fwd {fwd:7.3f} ms  bwd {bwd:7.3f} ms", flush=True)
-            sel.FSA_GROUP_BYTES = tuned
             continue
         settings = [(64, 16, 4, 2), (64, 16, 4, 1), (64, 16, 4, 3), (64, 16, 8, 2), (64, 8, 4, 2), (64, 32, 4, 2),
                     (128, 16, 8, 2), (128, 16, 4, 2)]

@@ -110,27 +110,24 @@ def _token_rows(q: Tensor, k: Tensor, cu_seqlens: Tensor | None) -> tuple[Tensor
 
 
 def _invert_indices(indices, first_token, num_queries, query_rows, sequence_starts, block_size, num_keys, batch,
-                    num_sequences, block_q, group_tokens=None):
+                    num_sequences, block_q):
     """Per-KV-block lists of the (query, slot) entries that selected it, cut into work items of <= block_q.
 
     ``indices [N, Hkv, topk]`` are the selections of the flattened tokens ``first_token .. first_token + N`` of
-    ``[B * Tq]``; work is ordered by groups of ``group_tokens`` tokens (None: one group). Sync-free and sized from
-    shapes (E = N*Hkv*topk entries). Returns int32 (sorted_entries [E],
+    ``[B * Tq]``. Sync-free and sized from shapes (E = N*Hkv*topk entries). Returns int32 (sorted_entries [E],
     item_keys, item_starts, item_lengths [num_items]) as described in ``_kernels/selected_fsa.py``; entries
     are numbered from the chunk's first token.
     """
     num_tokens, hkv, topk = indices.shape
     device = indices.device
-    group_tokens = num_tokens if group_tokens is None else max(1, min(group_tokens, num_tokens))
-    num_groups = -(-num_tokens // group_tokens)
-    num_block_keys = num_groups * batch * hkv * num_keys
+    num_block_keys = batch * hkv * num_keys
     # int32 keys when they fit: half the radix-sort passes of int64.
     keys = torch.empty(indices.numel(), dtype=torch.int32 if num_block_keys < 2**31 - 1 else torch.int64,
                        device=device)
     if keys.numel() > 0:
         wrap_triton(_selection_keys_kernel)[(triton.cdiv(keys.numel(), 1024),)](
-            indices, query_rows, sequence_starts, keys, first_token, keys.numel(), num_block_keys, group_tokens, batch,
-            num_queries, num_keys, HKV=hkv, TOPK=topk, BS=block_size, BLOCK=1024,
+            indices, query_rows, sequence_starts, keys, first_token, keys.numel(), num_block_keys, num_queries,
+            num_keys, HKV=hkv, TOPK=topk, BS=block_size, BLOCK=1024,
         )
     sorted_keys, sorted_entries = torch.sort(keys, stable=True)
     # Entries of block key j: sorted positions [entry_bounds[j], entry_bounds[j + 1]). Not a histogram by
@@ -141,8 +138,8 @@ def _invert_indices(indices, first_token, num_queries, query_rows, sequence_star
     counts = entry_ends - entry_bounds[:-1]
     items_per_key = (counts + block_q - 1) // block_q
     item_ends = items_per_key.cumsum(0)
-    # At most E / block_q full items plus one partial item per non-empty block key.
-    max_blocks = min(keys.numel(), num_groups * batch * hkv * (num_keys // block_size + num_sequences + 1))
+    # At most E / block_q full items plus one partial item per non-empty block.
+    max_blocks = batch * hkv * (num_keys // block_size + num_sequences + 1)
     num_items = max(1, (keys.numel() + block_q - 1) // block_q + max_blocks)
     item = torch.arange(num_items, device=device)
     key = torch.searchsorted(item_ends, item, right=True)
@@ -175,9 +172,6 @@ NSA_LAUNCH = dict(num_warps=4, num_stages=2)
 # The FSA forward keeps one partial output per (token, selected block), topk times the output, and the backward
 # one partial dq; both run over chunks of tokens whose partials fit in this many bytes.
 FSA_PARTIAL_BYTES = 2 << 30
-# Work is ordered by groups of tokens whose query-side rows (q; q and do in the backward) take about this many
-# bytes, so that the programs running at one time read rows that stay in L2 (0: no grouping).
-FSA_GROUP_BYTES = 16 << 20
 # Smaller settings tried in order when the tuned ones need more shared memory than the GPU has (float32
 # inputs, head dims above 128).
 FSA_FALLBACKS = (dict(block_m=64, steps=16, num_warps=4, num_stages=1), dict(block_m=16, steps=32, num_warps=4, num_stages=1))
@@ -185,20 +179,18 @@ NSA_FALLBACKS = (dict(num_warps=4, num_stages=1),)
 
 
 def _fsa_work(k, indices, first_token, num_queries, cu_seqlens, query_rows, sequence_starts, block_size, group,
-              settings, row_bytes):
-    """Inverted indices (of the flattened tokens from ``first_token``) and the meta-parameters of one launch.
-    ``row_bytes``: bytes of query-side rows (q, do) a program reads per token, which sets the L2 token group."""
+              settings):
+    """Inverted indices (of the flattened tokens from ``first_token``) and the meta-parameters of one launch."""
     gp = triton.next_power_of_2(group)
     block_m = max(settings["block_m"], gp)
     num_sequences = 1 if cu_seqlens is None else cu_seqlens.shape[0] - 1
-    group_tokens = max(1, FSA_GROUP_BYTES // row_bytes) if FSA_GROUP_BYTES else None
     items = _invert_indices(
         indices, first_token, num_queries, query_rows, sequence_starts, block_size, k.shape[1], k.shape[0],
-        num_sequences, block_m // gp * settings["steps"], group_tokens,
+        num_sequences, block_m // gp * settings["steps"],
     )
     names = ("sorted_entries", "item_keys", "item_starts", "item_lengths")
     launch = dict(GP=gp, BLOCK_M=block_m, num_warps=settings["num_warps"], num_stages=settings["num_stages"])
-    return dict(zip(names, items), B=k.shape[0]), launch
+    return dict(zip(names, items)), launch
 
 
 def _selected_attention_fwd(q, k, v, indices, block_size, scale, cu_seqlens, impl):
@@ -252,8 +244,7 @@ def _selected_attention_fsa_fwd_chunk(
 
     def launch(settings):
         work, work_config = _fsa_work(
-            k, indices, first_token, num_queries, cu_seqlens, query_rows, sequence_starts, block_size, group, settings,
-            row_bytes=q.shape[2] * q.shape[3] * q.element_size(),
+            k, indices, first_token, num_queries, cu_seqlens, query_rows, sequence_starts, block_size, group, settings
         )
         fitted_kernel(_selected_attention_fsa_fwd_kernel, (work["item_keys"].shape[0],))(
             q=q, k=k, v=v, **work, query_rows=query_rows, o_partial=o_partial, lse_partial=lse_partial,
@@ -320,8 +311,7 @@ def _selected_attention_fsa_bwd_chunk(
 
     def launch(settings):
         work, work_config = _fsa_work(
-            k, indices, first_token, num_queries, cu_seqlens, query_rows, sequence_starts, block_size, group, settings,
-            row_bytes=q.shape[2] * (q.shape[3] + do.shape[3]) * q.element_size(),
+            k, indices, first_token, num_queries, cu_seqlens, query_rows, sequence_starts, block_size, group, settings
         )
         fitted_kernel(_selected_attention_fsa_bwd_kernel, (work["item_keys"].shape[0],))(
             q=q, k=k, v=v, do=do, lse=lse, delta=delta, **work, query_rows=query_rows, dq_partial=dq_partial, dk=dk,

@@ -1,10 +1,8 @@
 """KV-block-centric selected attention (the FSA kernels).
 
 ``ops/selected_attention.py::_invert_indices`` inverts the indices on the device: every valid (query token, KV
-head, slot) entry gets the key ``((token_group * B + b) * HKV + h) * Tk + first_row_of_its_block``
-(``_selection_keys_kernel``); entries are sorted by key and cut into work items of at most ``BLOCK_Q * TILES``
-entries of one key. ``token_group`` = (token - first_token) // group_tokens: the programs running at one time then
-read the query rows of one group of tokens, which stay in L2, instead of rows from the whole sequence. A program
+head, slot) entry gets the key ``(b * HKV + h) * Tk + first_row_of_its_block`` (``_selection_keys_kernel``);
+entries are sorted by key and cut into work items of at most ``BLOCK_Q * TILES`` entries of one key. A program
 takes one work item: it loads its KV block once and streams the entries through tensor-core dots ``BLOCK_Q`` at
 a time; each step holds ``BLOCK_M = BLOCK_Q * GP`` query rows (``GP`` = G rounded up to a power of two), so the
 dots are full at any G.
@@ -40,33 +38,32 @@ def _is_read(block, t, query_rows, sequence_start, mask, BS: tl.constexpr):
 
 @triton.jit
 def _selection_keys_kernel(
-    indices, query_rows, sequence_starts, keys, first_token, num_entries, invalid_key, group_tokens, B, Tq, Tk,
+    indices, query_rows, sequence_starts, keys, first_token, num_entries, invalid_key, Tq, Tk,
     HKV: tl.constexpr, TOPK: tl.constexpr, BS: tl.constexpr, BLOCK: tl.constexpr,
 ):
     """keys [E]: the sort key of each entry of ``indices [N, HKV, TOPK]`` (the tokens from first_token), or
     ``invalid_key`` for -1 padding, out-of-range and future blocks (they are never read)."""
     entry = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     in_range = entry < num_entries
-    local_token = entry // (HKV * TOPK)
-    token = first_token + local_token  # b * Tq + t
+    token = first_token + entry // (HKV * TOPK)  # b * Tq + t
     h = (entry // TOPK) % HKV
     t = token % Tq
     block = tl.load(indices + entry, mask=in_range, other=-1).to(tl.int64)
     sequence_start = tl.load(sequence_starts + t, mask=in_range, other=0).to(tl.int64)
-    key = (((local_token // group_tokens) * B + token // Tq) * HKV + h) * Tk + sequence_start + block * BS
+    key = ((token // Tq) * HKV + h) * Tk + sequence_start + block * BS
     key = tl.where(_is_read(block, t, query_rows, sequence_start, in_range, BS), key, invalid_key)
     tl.store(keys + entry, key.to(keys.dtype.element_ty), mask=in_range)
 
 
 @triton.jit
-def _work_item(item_keys, item_starts, item_lengths, B, Tk, HKV: tl.constexpr, BLOCK_S: tl.constexpr, BS: tl.constexpr):
+def _work_item(item_keys, item_starts, item_lengths, Tk, HKV: tl.constexpr, BLOCK_S: tl.constexpr, BS: tl.constexpr):
     """The work item's entry range and its KV block: rows (within the batch row) and flat [B*Tk*HKV] rows."""
     item = tl.program_id(0)
     key = tl.load(item_keys + item).to(tl.int64)
     start = tl.load(item_starts + item)
     length = tl.load(item_lengths + item)
     bh = key // Tk
-    b = (bh // HKV) % B
+    b = bh // HKV
     h = bh % HKV
     offs_s = tl.arange(0, BLOCK_S)
     key_row = key % Tk + offs_s
@@ -96,12 +93,12 @@ def _step_rows(
 @triton.jit
 def _selected_attention_fsa_fwd_kernel(
     q, k, v, item_keys, item_starts, item_lengths, sorted_entries, query_rows, o_partial, lse_partial, scale,
-    first_token, B, Tq, Tk,
+    first_token, Tq, Tk,
     HQ: tl.constexpr, HKV: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, TOPK: tl.constexpr, BS: tl.constexpr,
     D: tl.constexpr, DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_DV: tl.constexpr, INPUT_PRECISION: tl.constexpr,
 ):
-    start, length, h, key_row, kv_row, key_mask = _work_item(item_keys, item_starts, item_lengths, B, Tk, HKV, BLOCK_S, BS)
+    start, length, h, key_row, kv_row, key_mask = _work_item(item_keys, item_starts, item_lengths, Tk, HKV, BLOCK_S, BS)
     if length == 0:
         return
     offs_d = tl.arange(0, BLOCK_D)
@@ -174,12 +171,12 @@ def _selected_attention_fsa_merge_kernel(
 def _selected_attention_fsa_bwd_kernel(
     q, k, v, do, lse, delta, item_keys, item_starts, item_lengths, sorted_entries, query_rows,
     dq_partial, dk, dv, scale,
-    first_token, B, Tq, Tk,
+    first_token, Tq, Tk,
     HQ: tl.constexpr, HKV: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, TOPK: tl.constexpr, BS: tl.constexpr,
     D: tl.constexpr, DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_DV: tl.constexpr, INPUT_PRECISION: tl.constexpr,
 ):
-    start, length, h, key_row, kv_row, key_mask = _work_item(item_keys, item_starts, item_lengths, B, Tk, HKV, BLOCK_S, BS)
+    start, length, h, key_row, kv_row, key_mask = _work_item(item_keys, item_starts, item_lengths, Tk, HKV, BLOCK_S, BS)
     if length == 0:
         return
     offs_d = tl.arange(0, BLOCK_D)

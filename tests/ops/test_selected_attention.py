@@ -129,24 +129,6 @@ def test_fsa_in_token_chunks(monkeypatch, budget, varlen):
     )
 
 
-@pytest.mark.parametrize("group_bytes", [1, 1280], ids=["one-token-groups", "five-token-groups"])
-@pytest.mark.parametrize("varlen", [False, True], ids=["dense", "varlen"])
-def test_fsa_work_in_token_groups(monkeypatch, group_bytes, varlen):
-    """Work ordered by small groups of tokens (FSA_GROUP_BYTES; 1280 bytes = 5 tokens of fp32 q rows here, 2 in the
-    backward), across batch rows and sequences, with token chunks on top."""
-    module = sys.modules["fsa_compile.ops.selected_attention"]
-    monkeypatch.setattr(module, "FSA_GROUP_BYTES", group_bytes)
-    monkeypatch.setattr(module, "FSA_PARTIAL_BYTES", 20000)
-    batch, cu = (1, torch.tensor([0, 9, 23], dtype=torch.int32, device=DEVICE)) if varlen else (2, None)
-    q, k, v = make_qkv(batch, 23, 30 if cu is None else 23, 4, 2, 16)
-    indices = make_indices(batch, 23, 30 if cu is None else 23, 2, 8, 3, cu)
-    with selected_attention_path("fsa") as impl:
-        out = torch.ops.fsa.selected_attention(q, k, v, indices, 8, None, cu, impl)
-    check_attention(
-        out, lambda q, k, v: reference.selected_attention(q, k, v, indices, 8, cu_seqlens=cu), (q, k, v), torch.float32
-    )
-
-
 def realistic_indices(batch, num_queries, hkv, block_size, topk):
     """Block 0 and the two blocks ending at each query's own block, then random causal blocks (vectorised)."""
     num_blocks = -(-num_queries // block_size)
