@@ -1,0 +1,82 @@
+"""Selected attention back to back, as in a training loop, next to bench_selected.py's single cold-L2 calls.
+
+    python benchmarks/steady_state_selected.py --seqlen 65536 --groups 1 4 [--impl fsa]
+
+Per call: host time to launch it (GPU kept busy, so nothing waits), ms per call over 10 calls back to back in eager
+mode, and over 10 replays of a CUDA graph of it (GPU time without host overhead). bf16, Hkv = 4, D = 128, block
+64, top-16, the indices of bench_selected.py.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import fsa_compile  # noqa: E402,F401
+from _harness import SelectedConfig  # noqa: E402
+from bench_selected import make_indices  # noqa: E402
+
+
+def per_call_ms(run, calls: int = 10) -> float:
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(calls):
+        run()
+    torch.cuda.synchronize()
+    return (time.perf_counter() - start) * 1e3 / calls
+
+
+def graph_of(step) -> torch.cuda.CUDAGraph:
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        step()  # warm-up outside the capture
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    return graph
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--seqlen", type=int, default=65536)
+    parser.add_argument("--groups", type=int, nargs="+", default=[1, 4])
+    parser.add_argument("--impl", default="fsa")
+    args = parser.parse_args()
+    print(torch.cuda.get_device_name(), f"T={args.seqlen} impl={args.impl}")
+    for group in args.groups:
+        config = SelectedConfig(seqlen=args.seqlen, group=group)
+        q = torch.randn(1, config.seqlen, config.num_heads, 128, device="cuda", dtype=torch.bfloat16)
+        k = torch.randn(1, config.seqlen, 4, 128, device="cuda", dtype=torch.bfloat16)
+        v = torch.randn_like(k)
+        indices = make_indices(config, "cuda")
+        o, lse = torch.ops.fsa.selected_attention(q, k, v, indices, 64, None, None, args.impl)
+        do = torch.randn_like(o)
+        steps = {
+            "fwd": lambda: torch.ops.fsa.selected_attention(q, k, v, indices, 64, None, None, args.impl),
+            "bwd": lambda: torch.ops.fsa.selected_attention_backward(
+                do, None, q, k, v, o, lse, indices, 64, None, None, args.impl),
+        }
+        for name, step in steps.items():
+            per_call_ms(step, 3)
+            busy = torch.empty(2**30, dtype=torch.int8, device="cuda")
+            for _ in range(20):
+                busy.zero_()
+            start = time.perf_counter()
+            step()
+            host = (time.perf_counter() - start) * 1e3
+            eager = per_call_ms(step)
+            graph = graph_of(step)
+            replay = per_call_ms(graph.replay)
+            print(f"G={group} {name}: host {host:.2f} ms/call, eager back to back {eager:.2f} ms/call, "
+                  f"CUDA graph replay {replay:.2f} ms/call", flush=True)
+
+
+if __name__ == "__main__":
+    main()
