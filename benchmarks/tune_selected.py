@@ -23,7 +23,7 @@ def main() -> None:
     parser.add_argument("--seqlen", type=int, default=65536)
     parser.add_argument("--groups", type=int, nargs="+", default=[1, 4])
     parser.add_argument("--partial-gib", type=float, nargs="*", default=[],
-                        help="time the FSA forward at these partial-buffer budgets instead of sweeping launches")
+                        help="time the FSA forward and backward at these partial-buffer budgets instead of sweeping launches")
     args = parser.parse_args()
     for group in args.groups:
         config = SelectedConfig(seqlen=args.seqlen, group=group)
@@ -36,11 +36,19 @@ def main() -> None:
         if args.partial_gib:
             for gib in args.partial_gib:
                 sel.FSA_PARTIAL_BYTES = int(gib * 2**30)
-                torch.cuda.reset_peak_memory_stats()
-                before = torch.cuda.memory_allocated()
-                fwd = cuda_time_ms(lambda: sel._selected_attention_fwd(q, k, v, indices, 64, None, None, "fsa"), 0.15)
-                peak = (torch.cuda.max_memory_allocated() - before) / 2**20
-                print(f"G={group} partial budget {gib} GiB: fwd {fwd:7.3f} ms  peak +{peak:.0f} MiB", flush=True)
+                timings = []
+                for run in (
+                    lambda: sel._selected_attention_fwd(q, k, v, indices, 64, None, None, "fsa"),
+                    lambda: sel._selected_attention_bwd(do, None, q, k, v, o, lse, indices, 64, None, None, "fsa"),
+                ):
+                    torch.cuda.synchronize()
+                    torch.cuda.reset_peak_memory_stats()
+                    before = torch.cuda.memory_allocated()
+                    ms = cuda_time_ms(run, 0.15)
+                    timings.append((ms, (torch.cuda.max_memory_allocated() - before) / 2**20))
+                (fwd, fwd_peak), (bwd, bwd_peak) = timings
+                print(f"G={group} partial budget {gib} GiB: fwd {fwd:7.3f} ms peak +{fwd_peak:.0f} MiB  "
+                      f"bwd {bwd:7.3f} ms peak +{bwd_peak:.0f} MiB", flush=True)
             continue
         settings = [(64, 16, 4, 2), (64, 16, 4, 1), (64, 16, 4, 3), (64, 16, 8, 2), (64, 8, 4, 2), (64, 32, 4, 2),
                     (128, 16, 8, 2), (128, 16, 4, 2)]
