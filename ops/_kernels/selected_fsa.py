@@ -113,7 +113,7 @@ def _selected_attention_fsa_fwd_kernel(
     )
     for step_start in range(start, start + length, BLOCK_M // GP):
         if PREFETCH:
-            next_entry, next_g, next_head_row, next_row_mask, next_mask = _step_rows(
+            next_entry, _, next_head_row, next_row_mask, next_mask = _step_rows(
                 sorted_entries, query_rows, step_start + BLOCK_M // GP, start + length, h, key_row, key_mask,
                 first_token, Tq, HQ, HKV, G, GP, TOPK, BLOCK_M,
             )
@@ -206,7 +206,7 @@ def _selected_attention_fsa_bwd_kernel(
     )
     for step_start in range(start, start + length, BLOCK_M // GP):
         if PREFETCH:
-            next_entry, next_g, next_head_row, next_row_mask, next_mask = _step_rows(
+            next_entry, _, next_head_row, next_row_mask, next_mask = _step_rows(
                 sorted_entries, query_rows, step_start + BLOCK_M // GP, start + length, h, key_row, key_mask,
                 first_token, Tq, HQ, HKV, G, GP, TOPK, BLOCK_M,
             )
