@@ -24,8 +24,6 @@ def main() -> None:
     parser.add_argument("--groups", type=int, nargs="+", default=[1, 4])
     parser.add_argument("--partial-gib", type=float, nargs="*", default=[],
                         help="time the FSA forward and backward at these partial-buffer budgets instead of sweeping launches")
-    parser.add_argument("--prefetch-ab", action="store_true",
-                        help="time the FSA forward and backward with and without index prefetching, interleaved")
     args = parser.parse_args()
     for group in args.groups:
         config = SelectedConfig(seqlen=args.seqlen, group=group)
@@ -51,17 +49,6 @@ def main() -> None:
                 (fwd, fwd_peak), (bwd, bwd_peak) = timings
                 print(f"G={group} partial budget {gib} GiB: fwd {fwd:7.3f} ms peak +{fwd_peak:.0f} MiB  "
                       f"bwd {bwd:7.3f} ms peak +{bwd_peak:.0f} MiB", flush=True)
-            continue
-        if args.prefetch_ab:
-            tuned_fwd, tuned_bwd = dict(sel.FSA_FWD), dict(sel.FSA_BWD)
-            for prefetch in (False, True, False, True):
-                sel.FSA_FWD, sel.FSA_BWD = dict(tuned_fwd, prefetch=prefetch), dict(tuned_bwd, prefetch=prefetch)
-                fwd = cuda_time_ms(lambda: sel._selected_attention_fwd(q, k, v, indices, 64, None, None, "fsa"), 0.15)
-                bwd = cuda_time_ms(
-                    lambda: sel._selected_attention_bwd(do, None, q, k, v, o, lse, indices, 64, None, None, "fsa"), 0.15
-                )
-                print(f"G={group} prefetch={prefetch!s:5}: fwd {fwd:7.3f} ms  bwd {bwd:7.3f} ms", flush=True)
-            sel.FSA_FWD, sel.FSA_BWD = tuned_fwd, tuned_bwd
             continue
         settings = [(64, 16, 4, 2), (64, 16, 4, 1), (64, 16, 4, 3), (64, 16, 8, 2), (64, 8, 4, 2), (64, 32, 4, 2),
                     (128, 16, 8, 2), (128, 16, 4, 2)]

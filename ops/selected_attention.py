@@ -189,8 +189,7 @@ def _fsa_work(k, indices, first_token, num_queries, cu_seqlens, query_rows, sequ
         num_sequences, block_m // gp * settings["steps"],
     )
     names = ("sorted_entries", "item_keys", "item_starts", "item_lengths")
-    launch = dict(GP=gp, BLOCK_M=block_m, PREFETCH=settings.get("prefetch", True), num_warps=settings["num_warps"],
-                  num_stages=settings["num_stages"])
+    launch = dict(GP=gp, BLOCK_M=block_m, num_warps=settings["num_warps"], num_stages=settings["num_stages"])
     return dict(zip(names, items)), launch
 
 

@@ -96,7 +96,7 @@ def _selected_attention_fsa_fwd_kernel(
     first_token, Tq, Tk,
     HQ: tl.constexpr, HKV: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, TOPK: tl.constexpr, BS: tl.constexpr,
     D: tl.constexpr, DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
-    BLOCK_DV: tl.constexpr, INPUT_PRECISION: tl.constexpr, PREFETCH: tl.constexpr,
+    BLOCK_DV: tl.constexpr, INPUT_PRECISION: tl.constexpr,
 ):
     start, length, h, key_row, kv_row, key_mask = _work_item(item_keys, item_starts, item_lengths, Tk, HKV, BLOCK_S, BS)
     if length == 0:
@@ -106,22 +106,11 @@ def _selected_attention_fsa_fwd_kernel(
     kt = tl.load(k + kv_row[None, :] * D + offs_d[:, None], mask=key_mask[None, :] & (offs_d[:, None] < D), other=0.0)
     vv = tl.load(v + kv_row[:, None] * DV + offs_dv[None, :], mask=key_mask[:, None] & (offs_dv[None, :] < DV), other=0.0)
     _, qk_scale = fp32_scales(scale)
-    # With PREFETCH the next step's rows (two dependent index loads) are fetched while this step computes.
-    entry, g, head_row, row_mask, mask = _step_rows(
-        sorted_entries, query_rows, start, start + length, h, key_row, key_mask, first_token, Tq,
-        HQ, HKV, G, GP, TOPK, BLOCK_M,
-    )
     for step_start in range(start, start + length, BLOCK_M // GP):
-        if PREFETCH:
-            next_entry, _, next_head_row, next_row_mask, next_mask = _step_rows(
-                sorted_entries, query_rows, step_start + BLOCK_M // GP, start + length, h, key_row, key_mask,
-                first_token, Tq, HQ, HKV, G, GP, TOPK, BLOCK_M,
-            )
-        else:
-            entry, g, head_row, row_mask, mask = _step_rows(
-                sorted_entries, query_rows, step_start, start + length, h, key_row, key_mask, first_token, Tq,
-                HQ, HKV, G, GP, TOPK, BLOCK_M,
-            )
+        entry, g, head_row, row_mask, mask = _step_rows(
+            sorted_entries, query_rows, step_start, start + length, h, key_row, key_mask, first_token, Tq,
+            HQ, HKV, G, GP, TOPK, BLOCK_M,
+        )
         qv = tl.load(q + head_row[:, None] * D + offs_d[None, :], mask=row_mask[:, None] & (offs_d[None, :] < D), other=0.0)
         s = masked_scores(qv, kt, mask, qk_scale, INPUT_PRECISION)  # [BLOCK_M, BLOCK_S]
         m = finite_or_zero(tl.max(s, 1))
@@ -133,8 +122,6 @@ def _selected_attention_fsa_fwd_kernel(
             o_partial + partial_row[:, None] * DV + offs_dv[None, :], out.to(o_partial.dtype.element_ty),
             mask=row_mask[:, None] & (offs_dv[None, :] < DV),
         )
-        if PREFETCH:
-            entry, head_row, row_mask, mask = next_entry, next_head_row, next_row_mask, next_mask
 
 
 @triton.jit
@@ -187,7 +174,7 @@ def _selected_attention_fsa_bwd_kernel(
     first_token, Tq, Tk,
     HQ: tl.constexpr, HKV: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, TOPK: tl.constexpr, BS: tl.constexpr,
     D: tl.constexpr, DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
-    BLOCK_DV: tl.constexpr, INPUT_PRECISION: tl.constexpr, PREFETCH: tl.constexpr,
+    BLOCK_DV: tl.constexpr, INPUT_PRECISION: tl.constexpr,
 ):
     start, length, h, key_row, kv_row, key_mask = _work_item(item_keys, item_starts, item_lengths, Tk, HKV, BLOCK_S, BS)
     if length == 0:
@@ -199,22 +186,11 @@ def _selected_attention_fsa_bwd_kernel(
     scale, qk_scale = fp32_scales(scale)
     dk_acc = tl.zeros([BLOCK_S, BLOCK_D], tl.float32)
     dv_acc = tl.zeros([BLOCK_S, BLOCK_DV], tl.float32)
-    # With PREFETCH the next step's rows (two dependent index loads) are fetched while this step computes.
-    entry, g, head_row, row_mask, mask = _step_rows(
-        sorted_entries, query_rows, start, start + length, h, key_row, key_mask, first_token, Tq,
-        HQ, HKV, G, GP, TOPK, BLOCK_M,
-    )
     for step_start in range(start, start + length, BLOCK_M // GP):
-        if PREFETCH:
-            next_entry, _, next_head_row, next_row_mask, next_mask = _step_rows(
-                sorted_entries, query_rows, step_start + BLOCK_M // GP, start + length, h, key_row, key_mask,
-                first_token, Tq, HQ, HKV, G, GP, TOPK, BLOCK_M,
-            )
-        else:
-            entry, g, head_row, row_mask, mask = _step_rows(
-                sorted_entries, query_rows, step_start, start + length, h, key_row, key_mask, first_token, Tq,
-                HQ, HKV, G, GP, TOPK, BLOCK_M,
-            )
+        entry, g, head_row, row_mask, mask = _step_rows(
+            sorted_entries, query_rows, step_start, start + length, h, key_row, key_mask, first_token, Tq,
+            HQ, HKV, G, GP, TOPK, BLOCK_M,
+        )
         qv = tl.load(q + head_row[:, None] * D + offs_d[None, :], mask=row_mask[:, None] & (offs_d[None, :] < D), other=0.0)
         dov, row_lse, row_delta = load_gradient_rows(do, lse, delta, head_row, row_mask, DV, BLOCK_DV)
         s = masked_scores(qv, kt, mask, qk_scale, INPUT_PRECISION)
@@ -226,8 +202,6 @@ def _selected_attention_fsa_bwd_kernel(
                  mask=row_mask[:, None] & (offs_d[None, :] < D))
         dk_acc += tl.dot(tl.trans(ds).to(qv.dtype), qv, input_precision=INPUT_PRECISION)
         dv_acc += tl.dot(tl.trans(p).to(dov.dtype), dov, input_precision=INPUT_PRECISION)
-        if PREFETCH:
-            entry, head_row, row_mask, mask = next_entry, next_head_row, next_row_mask, next_mask
     tl.atomic_add(dk + kv_row[:, None] * D + offs_d[None, :], dk_acc * scale, mask=key_mask[:, None] & (offs_d[None, :] < D), sem="relaxed")
     tl.atomic_add(dv + kv_row[:, None] * DV + offs_dv[None, :], dv_acc, mask=key_mask[:, None] & (offs_dv[None, :] < DV), sem="relaxed")
 
