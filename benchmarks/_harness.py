@@ -60,6 +60,20 @@ def cuda_time_ms(fn, budget_s: float = 0.4, max_reps: int = 50) -> float:
     return statistics.median(times)
 
 
+def print_kernel_table(step, title: str, rows: int, name_width: int = 90) -> None:
+    """Run ``step`` three times to warm up, then print torch.profiler's CUDA kernel table of one more run."""
+    from torch.profiler import ProfilerActivity, profile
+
+    for _ in range(3):
+        step()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        step()
+        torch.cuda.synchronize()
+    print(torch.cuda.get_device_name(), title)
+    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=rows, max_name_column_width=name_width))
+
+
 def peak_memory_mb(fn) -> float:
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()

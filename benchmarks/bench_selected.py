@@ -46,6 +46,24 @@ def make_indices(config: SelectedConfig, device, chunk: int = 4096) -> torch.Ten
     return out
 
 
+def selected_problem(config: SelectedConfig, impl: str = "fsa", device="cuda"):
+    """The op's raw calls on bf16 inputs of ``config``: {"fwd": ..., "bwd": ...} (the backward op on the forward's
+    o, lse and a random do), for the profiling and tuning scripts. -> (steps, (q, k, v, indices, o, lse, do))."""
+    B, T, hq, hkv, D = config.batch, config.seqlen, config.num_heads, config.num_kv_heads, config.head_dim
+    q = torch.randn(B, T, hq, D, device=device, dtype=torch.bfloat16)
+    k = torch.randn(B, T, hkv, D, device=device, dtype=torch.bfloat16)
+    v = torch.randn_like(k)
+    indices = make_indices(config, device)
+    o, lse = torch.ops.fsa.selected_attention(q, k, v, indices, config.block_size, None, None, impl)
+    do = torch.randn_like(o)
+    steps = {
+        "fwd": lambda: torch.ops.fsa.selected_attention(q, k, v, indices, config.block_size, None, None, impl),
+        "bwd": lambda: torch.ops.fsa.selected_attention_backward(
+            do, None, q, k, v, o, lse, indices, config.block_size, None, None, impl),
+    }
+    return steps, (q, k, v, indices, o, lse, do)
+
+
 def providers(config: SelectedConfig, device):
     B, T, hq, hkv, D = config.batch, config.seqlen, config.num_heads, config.num_kv_heads, config.head_dim
     dtype = torch.bfloat16

@@ -9,11 +9,14 @@ bf16, Hkv = 4, D = 128, hidden = Hq * D, the layer's defaults. ``--part project`
 from __future__ import annotations
 
 import argparse
+import sys
+from pathlib import Path
 
 import torch
-from torch.profiler import ProfilerActivity, profile
 
-import fsa_compile
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import fsa_compile  # noqa: E402
+from _harness import print_kernel_table  # noqa: E402
 
 
 def main():
@@ -33,14 +36,7 @@ def main():
         outputs = (out,) if isinstance(out, torch.Tensor) else tuple(out.values())
         sum(t.float().sum() for t in outputs if t.requires_grad).backward()
 
-    for _ in range(3):
-        step()
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        step()
-        torch.cuda.synchronize()
-    print(torch.cuda.get_device_name(), f"T={args.seqlen} G={args.group} part={args.part}")
-    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=args.rows, max_name_column_width=90))
+    print_kernel_table(step, f"T={args.seqlen} G={args.group} part={args.part}", args.rows)
 
 
 if __name__ == "__main__":

@@ -19,7 +19,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import fsa_compile  # noqa: E402,F401
 from _harness import SelectedConfig  # noqa: E402
-from bench_selected import make_indices  # noqa: E402
+from bench_selected import selected_problem  # noqa: E402
 
 
 def per_call_ms(run, calls: int = 10) -> float:
@@ -51,18 +51,7 @@ def main() -> None:
     args = parser.parse_args()
     print(torch.cuda.get_device_name(), f"T={args.seqlen} impl={args.impl}")
     for group in args.groups:
-        config = SelectedConfig(seqlen=args.seqlen, group=group)
-        q = torch.randn(1, config.seqlen, config.num_heads, 128, device="cuda", dtype=torch.bfloat16)
-        k = torch.randn(1, config.seqlen, 4, 128, device="cuda", dtype=torch.bfloat16)
-        v = torch.randn_like(k)
-        indices = make_indices(config, "cuda")
-        o, lse = torch.ops.fsa.selected_attention(q, k, v, indices, 64, None, None, args.impl)
-        do = torch.randn_like(o)
-        steps = {
-            "fwd": lambda: torch.ops.fsa.selected_attention(q, k, v, indices, 64, None, None, args.impl),
-            "bwd": lambda: torch.ops.fsa.selected_attention_backward(
-                do, None, q, k, v, o, lse, indices, 64, None, None, args.impl),
-        }
+        steps, _ = selected_problem(SelectedConfig(seqlen=args.seqlen, group=group), args.impl)
         for name, step in steps.items():
             per_call_ms(step, 3)
             eager = per_call_ms(step)

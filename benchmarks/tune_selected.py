@@ -15,7 +15,7 @@ import fsa_compile  # noqa: E402,F401
 
 sel = sys.modules["fsa_compile.ops.selected_attention"]  # the module; the package attribute is the op
 from _harness import SelectedConfig, cuda_time_ms  # noqa: E402
-from bench_selected import make_indices  # noqa: E402
+from bench_selected import selected_problem  # noqa: E402
 
 
 def main() -> None:
@@ -26,13 +26,7 @@ def main() -> None:
                         help="time the FSA forward and backward at these partial-buffer budgets instead of sweeping launches")
     args = parser.parse_args()
     for group in args.groups:
-        config = SelectedConfig(seqlen=args.seqlen, group=group)
-        q = torch.randn(1, config.seqlen, config.num_heads, 128, device="cuda", dtype=torch.bfloat16)
-        k = torch.randn(1, config.seqlen, 4, 128, device="cuda", dtype=torch.bfloat16)
-        v = torch.randn_like(k)
-        indices = make_indices(config, "cuda")
-        o, lse = torch.ops.fsa.selected_attention(q, k, v, indices, 64, None, None, "fsa")
-        do = torch.randn_like(o)
+        _, (q, k, v, indices, o, lse, do) = selected_problem(SelectedConfig(seqlen=args.seqlen, group=group))
         if args.partial_gib:
             for gib in args.partial_gib:
                 sel.FSA_PARTIAL_BYTES = int(gib * 2**30)
