@@ -3,7 +3,8 @@
 Query at position t, head h attends the keys ``s <= t`` of the blocks ``indices[b, t, h // G, :]``
 (block j = keys ``[j*block_size, (j+1)*block_size)`` of the query's sequence). Indices are int32
 ``[B, Tq, Hkv, topk]``, strictly ascending with ``-1`` (empty) slots last; an index outside
-``[0, t // block_size]`` is treated as ``-1`` and never read.
+``[0, t // block_size]`` is treated as ``-1`` and never read. A block repeated within a row is not detected (that
+would take a host sync) and is attended twice.
 
 q [B, Tq, Hq, D], k [B, Tk, Hkv, D], v [B, Tk, Hkv, Dv] -> o [B, Tq, Hq, Dv], lse [B, Tq, Hq] (float32).
 Differentiable in q, k, v.
