@@ -57,7 +57,9 @@ def test_out_of_range_indices_are_ignored(impl):
         torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason="known limitation: a block repeated within a row is attended twice")
+@pytest.mark.xfail(
+    strict=True, raises=AssertionError, reason="known limitation: a block repeated within a row is attended twice"
+)
 def test_a_block_repeated_in_a_row_counts_once(impl):
     """Indices that name a block twice (against the contract, which select_blocks keeps) still mean the set of
     blocks, as in the reference. Fails today on every path: the repeat is attended a second time."""
