@@ -264,7 +264,7 @@ def _selected_attention_fsa_fwd_chunk(
 
 def _selected_attention_bwd(do, dlse, q, k, v, o, lse, indices, block_size, scale, cu_seqlens, impl):
     if torch.are_deterministic_algorithms_enabled():
-        # Both Triton backwards add dq/dk/dv with atomics, so float sums depend on the order. With
+        # Both Triton backwards add dk/dv with atomics, so float sums depend on the order. With
         # torch.use_deterministic_algorithms(True) the chunked PyTorch kernel runs instead: run-to-run identical
         # (index_put_ accumulates deterministically), slower, and with cu_seqlens it reads the bounds on the host.
         return _selected_attention_backward_torch(do, dlse, q, k, v, o, lse, indices, block_size, scale, cu_seqlens)
