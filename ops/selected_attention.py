@@ -215,7 +215,7 @@ def _selected_attention_fwd(q, k, v, indices, block_size, scale, cu_seqlens, imp
         )
         return o, lse
     # One partial output per (token, selected block): process tokens in chunks so that they stay in budget.
-    flat_indices = indices.view(batch * num_queries, hkv, -1)
+    flat_indices = indices.view(batch * num_queries, hkv, indices.shape[-1])
     for first_token, chunk_indices in _token_chunks(flat_indices, group * (v.shape[-1] * q.element_size() + 4)):
         _selected_attention_fsa_fwd_chunk(
             q, k, v, chunk_indices, first_token, o, lse, scale, config, cu_seqlens, query_rows, sequence_starts,
@@ -227,8 +227,8 @@ def _selected_attention_fwd(q, k, v, indices, block_size, scale, cu_seqlens, imp
 def _token_chunks(flat_indices, bytes_per_entry):
     """(first_token, indices [N, Hkv, topk]) chunks of the flattened tokens whose per-entry partial buffers
     (``bytes_per_entry`` each) fit in FSA_PARTIAL_BYTES."""
-    num_tokens = flat_indices.shape[0]
-    chunk = max(1, FSA_PARTIAL_BYTES // (flat_indices[0].numel() * bytes_per_entry))
+    num_tokens, hkv, topk = flat_indices.shape
+    chunk = max(1, FSA_PARTIAL_BYTES // max(1, hkv * topk * bytes_per_entry))
     for first_token in range(0, num_tokens, chunk):
         yield first_token, flat_indices[first_token : first_token + chunk]
 
@@ -290,7 +290,7 @@ def _selected_attention_bwd(do, dlse, q, k, v, o, lse, indices, block_size, scal
         )
         return dq, dk.to(k.dtype), dv.to(v.dtype)
     dq = torch.empty_like(q)
-    flat_indices = indices.view(batch * num_queries, hkv, -1)
+    flat_indices = indices.view(batch * num_queries, hkv, indices.shape[-1])
     for first_token, chunk_indices in _token_chunks(flat_indices, hq // hkv * d * q.element_size()):
         _selected_attention_fsa_bwd_chunk(
             do, q, k, v, lse.contiguous(), delta, chunk_indices, first_token, dq, dk, dv, scale, config, cu_seqlens,

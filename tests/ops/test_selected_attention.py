@@ -83,13 +83,16 @@ def test_all_blocks_selected_is_causal_attention():
     torch.testing.assert_close(o, expected)
 
 
-def test_no_block_gives_zero_and_minus_inf(impl):
-    q, k, v = make_qkv(1, 10, 10, 2, 1, 8)
-    indices = torch.full((1, 10, 1, 2), -1, dtype=torch.int32, device=DEVICE)
+@pytest.mark.parametrize("num_queries,topk", [(10, 2), (10, 0), (0, 2)], ids=["all-empty", "topk-0", "no-tokens"])
+def test_no_block_gives_zero_and_minus_inf(impl, num_queries, topk):
+    q, k, v = make_qkv(1, num_queries, num_queries, 2, 1, 8)
+    indices = torch.full((1, num_queries, 1, topk), -1, dtype=torch.int32, device=DEVICE)
     o, lse = torch.ops.fsa.selected_attention(q, k, v, indices, 4, None, None, impl)
+    assert o.shape == q.shape and lse.shape == q.shape[:3]
     assert torch.equal(o, torch.zeros_like(o)) and torch.all(lse == float("-inf"))
     (o * torch.randn_like(o)).sum().backward()
-    assert torch.equal(q.grad, torch.zeros_like(q)) and torch.equal(k.grad, torch.zeros_like(k))
+    for x in (q, k, v):
+        assert torch.equal(x.grad, torch.zeros_like(x))
 
 
 def test_gradcheck():
