@@ -268,20 +268,20 @@ def _selected_attention_bwd(do, dlse, q, k, v, o, lse, indices, block_size, scal
         # torch.use_deterministic_algorithms(True) the chunked PyTorch kernel runs instead: run-to-run identical
         # (index_put_ accumulates deterministically), slower, and with cu_seqlens it reads the bounds on the host.
         return _selected_attention_backward_torch(do, dlse, q, k, v, o, lse, indices, block_size, scale, cu_seqlens)
-    q, k, v, indices, do = (x.contiguous() for x in (q, k, v, indices, do))
+    q, k, v, indices, do, lse = (x.contiguous() for x in (q, k, v, indices, do, lse))
     batch, num_queries, hq, d = q.shape
     hkv = k.shape[2]
     scale = resolve_scale(scale, d)
     config = _launch_config(q, k, v, indices, block_size)
     query_rows, sequence_starts = _token_rows(q, k, cu_seqlens)
     delta = softmax_backward_delta(do, o, dlse)
+    dq = torch.empty_like(q)
     dk = torch.zeros(k.shape, dtype=torch.float32, device=k.device)
     dv = torch.zeros(v.shape, dtype=torch.float32, device=v.device)
     if choose_kernel(impl, hq // hkv, num_queries, backward=True) == "nsa":
-        dq = torch.empty_like(q)
         launch_fitting(
             lambda settings: fitted_kernel(_selected_attention_nsa_bwd_kernel, (num_queries, batch * hkv))(
-                q=q, k=k, v=v, do=do, lse=lse.contiguous(), delta=delta, indices=indices, query_rows=query_rows,
+                q=q, k=k, v=v, do=do, lse=lse, delta=delta, indices=indices, query_rows=query_rows,
                 sequence_starts=sequence_starts, dq=dq, dk=dk, dv=dv, scale=scale, Tq=num_queries, Tk=k.shape[1],
                 BLOCK_G=next_power_of_2(hq // hkv), **config, **settings,
             ),
@@ -289,11 +289,10 @@ def _selected_attention_bwd(do, dlse, q, k, v, o, lse, indices, block_size, scal
             fitting_key("nsa_bwd", q, config),
         )
         return dq, dk.to(k.dtype), dv.to(v.dtype)
-    dq = torch.empty_like(q)
     flat_indices = indices.view(batch * num_queries, hkv, indices.shape[-1])
     for first_token, chunk_indices in _token_chunks(flat_indices, hq // hkv * d * q.element_size()):
         _selected_attention_fsa_bwd_chunk(
-            do, q, k, v, lse.contiguous(), delta, chunk_indices, first_token, dq, dk, dv, scale, config, cu_seqlens,
+            do, q, k, v, lse, delta, chunk_indices, first_token, dq, dk, dv, scale, config, cu_seqlens,
             query_rows, sequence_starts, block_size,
         )
     return dq, dk.to(k.dtype), dv.to(v.dtype)
