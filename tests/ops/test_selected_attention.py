@@ -68,7 +68,7 @@ def test_a_block_repeated_in_a_row_counts_once(impl):
     repeated = indices.clone()
     repeated[..., 1] = torch.where(indices[..., 0] >= 0, indices[..., 0], indices[..., 1])
     o, lse = torch.ops.fsa.selected_attention(q, k, v, repeated, 8, None, None, impl)
-    ref_o, ref_lse = reference.selected_attention(q.double(), k.double(), v.double(), repeated, 8)
+    ref_o, _ = reference.selected_attention(q.double(), k.double(), v.double(), repeated, 8)
     torch.testing.assert_close(o.double(), ref_o, rtol=0, atol=1e-4)
 
 
