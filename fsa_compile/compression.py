@@ -45,6 +45,23 @@ def token_positions(cu_seqlens, num_tokens: int, device) -> torch.Tensor:
     return tokens - cu[sequence]
 
 
+# Devices whose compression windows go through the opaque op (see compression_windows).
+OPAQUE_WINDOW_DEVICES = ("cpu",)
+
+
+def compression_windows(x, tokens, pos_emb):
+    """[B, H, Tc, kernel_size * D]: ``flatten_j(x[:, tokens[i, j], h] + pos_emb[h, j])``, tokens [Tc, kernel_size].
+
+    On CPU through the opaque ``torch.ops.fsa.compression_windows``: Inductor's C++ backend miscompiles the
+    backward of the plain gather (see ops/compression_windows.py). Elsewhere plain PyTorch, which Inductor fuses
+    into one kernel (gather, position add and layout).
+    """
+    if x.device.type in OPAQUE_WINDOW_DEVICES:
+        return torch.ops.fsa.compression_windows(x, tokens, pos_emb)
+    windows = x[:, tokens] + pos_emb.transpose(0, 1)  # [B, Tc, ks, H, D]
+    return windows.permute(0, 3, 1, 2, 4).flatten(3)
+
+
 def compress(x, weight, pos_emb, kernel_size: int, kernel_stride: int, cu_seqlens=None):
     """Compress windows of ``kernel_size`` tokens (stride ``kernel_stride``) with a learned linear map.
 
@@ -59,7 +76,7 @@ def compress(x, weight, pos_emb, kernel_size: int, kernel_stride: int, cu_seqlen
         [B, Tc, H, Dout], ``Tc = max(0, (T - kernel_size) // kernel_stride + 1)``; packed layouts end with
         zero rows.
     """
-    batch, num_tokens, heads, dim = x.shape
+    _, num_tokens, heads, dim = x.shape
     if weight.shape != (heads, kernel_size * dim, weight.shape[-1]):
         raise ValueError(f"weight must be [H, kernel_size * D, Dout] = [{heads}, {kernel_size * dim}, Dout], "
                          f"got {list(weight.shape)}")
@@ -68,11 +85,10 @@ def compress(x, weight, pos_emb, kernel_size: int, kernel_stride: int, cu_seqlen
                          f"got {list(pos_emb.shape)}")
     first, _, valid = compressed_layout(cu_seqlens, num_tokens, kernel_size, kernel_stride, x.device)
     tokens = (first[:, None] + torch.arange(kernel_size, device=x.device)).clamp(max=max(num_tokens - 1, 0))
-    windows = x[:, tokens] + pos_emb.transpose(0, 1)  # [B, Tc, ks, H, D]
-    windows = windows.permute(0, 1, 3, 2, 4).reshape(batch, tokens.shape[0], heads, kernel_size * dim)
+    windows = compression_windows(x, tokens, pos_emb)  # [B, H, Tc, ks * D]
     # A broadcast matmul rather than einsum: einsum's internal reshapes add shape guards that break
     # torch.export with a dynamic T.
-    out = torch.matmul(windows.transpose(1, 2), weight).transpose(1, 2).contiguous()  # [B, Tc, H, Dout]
+    out = torch.matmul(windows, weight).transpose(1, 2).contiguous()  # [B, Tc, H, Dout]
     if cu_seqlens is not None:
         out = out * valid.view(1, -1, 1, 1).to(out.dtype)
     return out

@@ -211,13 +211,19 @@ def check_on_query_suffix(o, lse, inputs, ref_fn, tail: int) -> None:
         assert_close(name, ref_grad, grad, ratio)
 
 
-def make_small_layer(**overrides):
-    """A small FlashSparseAttention (hidden 64, Hq 4, Hkv 2, D 16) whose parameters all matter."""
+def make_layer(hidden_size=64, num_heads=4, num_kv_heads=2, head_dim=16, dtype=torch.float32, **config):
+    """A FlashSparseAttention on DEVICE whose parameters all matter (moved away from the mean-pooling start)."""
     import fsa_compile
 
-    config = dict(kernel_size=8, kernel_stride=4, block_size=8, topk=3, init_blocks=1, local_blocks=1, window_size=16)
-    layer = fsa_compile.FlashSparseAttention(64, 4, 2, 16, **(config | overrides)).to(DEVICE)
-    with torch.no_grad():  # move away from the mean-pooling start
+    layer = fsa_compile.FlashSparseAttention(hidden_size, num_heads, num_kv_heads, head_dim, **config)
+    layer = layer.to(device=DEVICE, dtype=dtype)
+    with torch.no_grad():
         for p in layer.parameters():
             p.add_(0.05 * torch.randn_like(p))
     return layer
+
+
+def make_small_layer(**overrides):
+    """A small FlashSparseAttention (hidden 64, Hq 4, Hkv 2, D 16) whose parameters all matter."""
+    config = dict(kernel_size=8, kernel_stride=4, block_size=8, topk=3, init_blocks=1, local_blocks=1, window_size=16)
+    return make_layer(**(config | overrides))

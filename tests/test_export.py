@@ -9,7 +9,8 @@ import torch
 from tests._testing import DEVICE, make_small_layer
 
 FSA_OPS = [
-    "fsa.compressed_attention.default", "fsa.select_blocks.default", "fsa.selected_attention.default",
+    "fsa.compressed_attention.default", "fsa.compression_windows.default", "fsa.select_blocks.default",
+    "fsa.selected_attention.default",
     "fsa.sliding_window_attention.default",
 ]
 
