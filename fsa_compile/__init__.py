@@ -8,6 +8,7 @@ from fsa_compile import ops  # noqa: F401  (registers torch.ops.fsa.*)
 from fsa_compile import lowerings  # noqa: F401
 from fsa_compile.compression import compress
 from fsa_compile.functional import (
+    check_cu_seqlens,
     compressed_attention,
     nsa_attention,
     select_blocks,
@@ -20,6 +21,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "FlashSparseAttention",
+    "check_cu_seqlens",
     "compress",
     "compressed_attention",
     "nsa_attention",

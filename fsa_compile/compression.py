@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import torch
 
+from fsa_compile.ops._sequences import compressed_sequences, sequence_bounds, token_sequences
 from fsa_compile.ops._validation import num_compressed
 
 
@@ -22,27 +23,18 @@ def compressed_layout(cu_seqlens, num_tokens: int, kernel_size: int, kernel_stri
     if cu_seqlens is None:
         first = rows * kernel_stride
         return first, first + kernel_size - 1, torch.ones_like(rows, dtype=torch.bool)
-    cu = cu_seqlens.long()
-    per_sequence = ((cu[1:] - cu[:-1] - kernel_size) // kernel_stride + 1).clamp(min=0)
-    ends = per_sequence.cumsum(0)
-    cu_cmp = torch.cat([cu.new_zeros(1), ends])
+    counts, first_rows = compressed_sequences(cu_seqlens, num_tokens, kernel_size, kernel_stride)
     # Boundaries must not be a slice: Inductor's CUDA searchsorted lowering cannot take a SliceView.
-    sequence = torch.searchsorted(ends, rows, right=True)
-    valid = sequence < per_sequence.shape[0]
-    sequence = sequence.clamp(max=per_sequence.shape[0] - 1)
-    local = (rows - cu_cmp[sequence]) * kernel_stride
-    return cu[sequence] + local, local + kernel_size - 1, valid
+    sequence = torch.searchsorted(first_rows + counts, rows, right=True)
+    valid = sequence < counts.shape[0]
+    sequence = sequence.clamp(max=counts.shape[0] - 1)
+    local = (rows - first_rows[sequence]) * kernel_stride
+    return sequence_bounds(cu_seqlens, num_tokens)[sequence] + local, local + kernel_size - 1, valid
 
 
 def token_positions(cu_seqlens, num_tokens: int, device) -> torch.Tensor:
     """Position of every token within its sequence: [T] long."""
-    tokens = torch.arange(num_tokens, device=device)
-    if cu_seqlens is None:
-        return tokens
-    cu = cu_seqlens.long()
-    # cu, not cu[1:]: Inductor's CUDA searchsorted lowering cannot take a SliceView as boundaries.
-    sequence = (torch.searchsorted(cu, tokens, right=True) - 1).clamp(max=cu.shape[0] - 2)
-    return tokens - cu[sequence]
+    return token_sequences(num_tokens, num_tokens, cu_seqlens, device)[0]
 
 
 # Devices whose compression windows go through the opaque op (see compression_windows).

@@ -12,7 +12,23 @@ import torch
 from torch import Tensor
 
 import fsa_compile.ops  # noqa: F401  (registers torch.ops.fsa.*)
-from fsa_compile.ops._validation import check_argument_types
+from fsa_compile.ops._validation import check_argument_types, check_cu_seqlens_values
+
+
+def check_cu_seqlens(cu_seqlens: Tensor, total: int) -> None:
+    """Raise ``ValueError`` unless cu_seqlens is int32 [N+1], starts at 0, is non-decreasing and ends at ``total``.
+
+    Reads the values, so it synchronises with the device: call it where an error is worth a sync (data loading,
+    debugging). The ops check values only on CPU; on CUDA they never read out of bounds whatever cu_seqlens
+    holds (a bound outside ``[0, total]`` is clamped into it, a decreasing one makes its sequence empty), but the
+    result of a malformed cu_seqlens is not meaningful.
+    """
+    check_argument_types(tensors=(("cu_seqlens", cu_seqlens),), ints=(("total", total),))
+    if cu_seqlens.dtype != torch.int32:
+        raise TypeError(f"cu_seqlens must be int32, got {cu_seqlens.dtype}")
+    if cu_seqlens.dim() != 1 or cu_seqlens.shape[0] < 2:
+        raise ValueError(f"cu_seqlens must be 1-D [N+1] with N >= 1, got shape {tuple(cu_seqlens.shape)}")
+    check_cu_seqlens_values(cu_seqlens, total)
 
 
 def compressed_attention(

@@ -41,8 +41,7 @@ DKDV_SETTINGS = (
 
 def window_spans(num_queries: int, num_keys: int, window_size: int, cu_seqlens, device):
     """Key spans of sliding-window attention: keys ``t - window_size < s <= t`` of t's own sequence."""
-    position, sequence = token_sequences(num_queries, num_keys, cu_seqlens, device)
-    first_key = 0 if sequence is None else cu_seqlens.long()[sequence]
+    position, _, first_key = token_sequences(num_queries, num_keys, cu_seqlens, device)
     key_lo = first_key + (position - window_size + 1).clamp(min=0)
     return key_lo, first_key + position + 1
 
@@ -53,11 +52,11 @@ def compressed_spans(num_queries: int, seqlen_k: int, kernel_size: int, kernel_s
     With ``cu_seqlens`` the compressed sequences are packed (``fsa_compile.compress``'s layout), so a
     sequence's first compressed row is the sum of the compressed lengths before it.
     """
-    position, sequence = token_sequences(num_queries, seqlen_k, cu_seqlens, device)
+    position, sequence, _ = token_sequences(num_queries, seqlen_k, cu_seqlens, device)
     visible = torch.where(position >= kernel_size - 1, (position - kernel_size + 1) // kernel_stride + 1, 0)
     if sequence is None:
         return torch.zeros_like(visible), visible
-    first_row = compressed_sequences(cu_seqlens, kernel_size, kernel_stride)[1][sequence]
+    first_row = compressed_sequences(cu_seqlens, num_queries, kernel_size, kernel_stride)[1][sequence]
     return first_row, first_row + visible
 
 

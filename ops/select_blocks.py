@@ -30,7 +30,7 @@ from . import _validation as check
 from ._kernels.common import next_power_of_2
 from ._kernels.select_blocks import _select_blocks_kernel
 from ._library import resolve_scale, triton_custom_op
-from ._sequences import compressed_sequences
+from ._sequences import compressed_sequences, sequence_bounds
 from .compressed_attention import compressed_segments, visible_compressed
 
 
@@ -160,7 +160,7 @@ def _tiles(q, num_cmp, kernel_size, kernel_stride, tile_tokens, cu_seqlens, seql
         offset = (num_queries if seqlen_k is None else seqlen_k) - num_queries
         tables = (b * num_queries + start, (b + 1) * num_queries, start + offset, b * num_cmp)
     else:
-        bounds = cu_seqlens.long()
+        bounds = sequence_bounds(cu_seqlens, num_queries)
         lengths = bounds[1:] - bounds[:-1]
         tiles_per_sequence = (lengths + tile_tokens - 1) // tile_tokens
         tile_ends = tiles_per_sequence.cumsum(0)
@@ -169,7 +169,7 @@ def _tiles(q, num_cmp, kernel_size, kernel_stride, tile_tokens, cu_seqlens, seql
         start = (tile - (tile_ends - tiles_per_sequence)[sequence]) * tile_tokens
         end = bounds[1:][sequence]
         first = torch.where(tile < tile_ends[-1], bounds[:-1][sequence] + start, end)
-        tables = (first, end, start, compressed_sequences(cu_seqlens, kernel_size, kernel_stride)[1][sequence])
+        tables = (first, end, start, compressed_sequences(cu_seqlens, num_queries, kernel_size, kernel_stride)[1][sequence])
     return [t.to(torch.int32) for t in tables]
 
 

@@ -105,8 +105,7 @@ def choose_kernel(impl: str, group_size: int, num_queries: int, backward: bool =
 
 def _token_rows(q: Tensor, k: Tensor, cu_seqlens: Tensor | None) -> tuple[Tensor, Tensor]:
     """int32 [Tq] (row of each query token in k, row where its sequence starts), computed on the device."""
-    position, sequence = token_sequences(q.shape[1], k.shape[1], cu_seqlens, q.device)
-    start = torch.zeros_like(position) if sequence is None else cu_seqlens.long()[sequence]
+    position, _, start = token_sequences(q.shape[1], k.shape[1], cu_seqlens, q.device)
     return (start + position).to(torch.int32), start.to(torch.int32)
 
 

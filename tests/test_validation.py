@@ -110,3 +110,21 @@ def test_layer_rejects_bad_configuration_and_input():
     layer = fsa_compile.FlashSparseAttention(64, 4, 2, 16)
     with pytest.raises(ValueError, match=r"x must be \[B, T, hidden_size=64\]"):
         layer(torch.randn(2, 10, 32))
+
+
+@pytest.mark.parametrize("values,total,message", [
+    ([0, 10, 24], 24, None),
+    ([0, 24], 24, None),
+    ([1, 10, 24], 24, "start at 0"),
+    ([0, 10, 23], 24, "end at T=24"),
+    ([0, 12, 10, 24], 24, "non-decreasing"),
+], ids=["ok", "one", "start", "end", "decreasing"])
+def test_check_cu_seqlens(values, total, message):
+    bounds = torch.tensor(values, dtype=torch.int32)
+    if message is None:
+        fsa_compile.check_cu_seqlens(bounds, total)
+        return
+    with pytest.raises(ValueError, match=message):
+        fsa_compile.check_cu_seqlens(bounds, total)
+    with pytest.raises(TypeError, match="int32"):
+        fsa_compile.check_cu_seqlens(bounds.long(), total)
