@@ -11,18 +11,20 @@ from fsa_compile.ops._sequences import compressed_sequences, sequence_bounds, to
 from fsa_compile.ops._validation import num_compressed
 
 
-def compressed_layout(cu_seqlens, num_tokens: int, kernel_size: int, kernel_stride: int, device):
+def compressed_layout(cu_seqlens, num_tokens: int, kernel_size: int, kernel_stride: int, device, num_rows=None):
     """Where every compressed row comes from.
 
-    -> (first_token [Tc] long, position [Tc] long, valid [Tc] bool) with
-    ``Tc = max(0, (T - kernel_size) // kernel_stride + 1)``: the first token of the row's window (global
+    -> (first_token [R] long, position [R] long, valid [R] bool) for ``R = num_rows`` rows (default
+    ``Tc = max(0, (T - kernel_size) // kernel_stride + 1)``): the first token of the row's window (global
     index), the position within its sequence of the window's last token, and whether the row holds a window
-    (packed layouts leave a zero tail).
+    (packed layouts and rows past Tc are zero).
     """
-    rows = torch.arange(num_compressed(num_tokens, kernel_size, kernel_stride), device=device)
+    if num_rows is None:
+        num_rows = num_compressed(num_tokens, kernel_size, kernel_stride)
+    rows = torch.arange(num_rows, device=device)
     if cu_seqlens is None:
         first = rows * kernel_stride
-        return first, first + kernel_size - 1, torch.ones_like(rows, dtype=torch.bool)
+        return first, first + kernel_size - 1, first + kernel_size <= num_tokens
     counts, first_rows = compressed_sequences(cu_seqlens, num_tokens, kernel_size, kernel_stride)
     # Boundaries must not be a slice: Inductor's CUDA searchsorted lowering cannot take a SliceView.
     sequence = torch.searchsorted(first_rows + counts, rows, right=True)
@@ -54,7 +56,7 @@ def compression_windows(x, tokens, pos_emb):
     return windows.permute(0, 3, 1, 2, 4).flatten(3)
 
 
-def compress(x, weight, pos_emb, kernel_size: int, kernel_stride: int, cu_seqlens=None):
+def compress(x, weight, pos_emb, kernel_size: int, kernel_stride: int, cu_seqlens=None, num_rows=None):
     """Compress windows of ``kernel_size`` tokens (stride ``kernel_stride``) with a learned linear map.
 
     ``out[i, h] = flatten(x[window_i, h] + pos_emb[h]) @ weight[h]``; windows never cross a sequence.
@@ -64,9 +66,11 @@ def compress(x, weight, pos_emb, kernel_size: int, kernel_stride: int, cu_seqlen
         weight: [H, kernel_size * D, Dout].
         pos_emb: [H, kernel_size, D] intra-window position embedding.
         cu_seqlens: optional int32 [N+1] (B == 1); compressed sequences are then packed one after another.
+        num_rows: rows of the result, from Tc to ``T // kernel_stride + 2`` (the ops accept any of them); the rows
+            past the windows are zero. Default: Tc.
     Returns:
-        [B, Tc, H, Dout], ``Tc = max(0, (T - kernel_size) // kernel_stride + 1)``; packed layouts end with
-        zero rows.
+        [B, num_rows, H, Dout], ``Tc = max(0, (T - kernel_size) // kernel_stride + 1)`` by default; packed
+        layouts end with zero rows.
     """
     _, num_tokens, heads, dim = x.shape
     if weight.shape != (heads, kernel_size * dim, weight.shape[-1]):
@@ -75,13 +79,13 @@ def compress(x, weight, pos_emb, kernel_size: int, kernel_stride: int, cu_seqlen
     if pos_emb.shape != (heads, kernel_size, dim):
         raise ValueError(f"pos_emb must be [H, kernel_size, D] = [{heads}, {kernel_size}, {dim}], "
                          f"got {list(pos_emb.shape)}")
-    first, _, valid = compressed_layout(cu_seqlens, num_tokens, kernel_size, kernel_stride, x.device)
+    first, _, valid = compressed_layout(cu_seqlens, num_tokens, kernel_size, kernel_stride, x.device, num_rows)
     tokens = (first[:, None] + torch.arange(kernel_size, device=x.device)).clamp(max=max(num_tokens - 1, 0))
     windows = compression_windows(x, tokens, pos_emb)  # [B, H, Tc, ks * D]
     # A broadcast matmul rather than einsum: einsum's internal reshapes add shape guards that break
     # torch.export with a dynamic T.
     out = torch.matmul(windows, weight).transpose(1, 2).contiguous()  # [B, Tc, H, Dout]
-    if cu_seqlens is not None:
+    if cu_seqlens is not None or num_rows is not None:
         out = out * valid.view(1, -1, 1, 1).to(out.dtype)
     return out
 

@@ -40,7 +40,8 @@ def compressed_attention(
     Args:
         q: [B, Tq, Hq, D].
         k_cmp, v_cmp: [B, Tc, Hkv, D] / [B, Tc, Hkv, Dv] from ``compress``,
-            ``Tc = max(0, (Tk - kernel_size) // kernel_stride + 1)``.
+            ``Tc = max(0, (Tk - kernel_size) // kernel_stride + 1)``; up to ``Tk // kernel_stride + 2`` rows are
+            accepted, the rows past Tc are never read (their gradients are zero).
         kernel_size, kernel_stride: the compression windows (``kernel_stride <= kernel_size``).
         scale: softmax scale. Default: ``D ** -0.5``.
         cu_seqlens: int32 [N+1] for packed sequences. Default: None.

@@ -7,6 +7,7 @@ from torch import Tensor, nn
 
 from fsa_compile.compression import compress, compressed_layout, rotary_embedding, token_positions
 from fsa_compile.functional import nsa_attention
+from fsa_compile.ops._validation import max_compressed_rows
 
 
 class FlashSparseAttention(nn.Module):
@@ -80,7 +81,9 @@ class FlashSparseAttention(nn.Module):
         )
 
     def project(self, x: Tensor, cu_seqlens: Tensor | None = None) -> dict[str, Tensor]:
-        """The inputs of the three branches: q, k, v (after RoPE), k_cmp, v_cmp and gates [B, T, Hq, 3]."""
+        """The inputs of the three branches: q, k, v (after RoPE), k_cmp, v_cmp and gates [B, T, Hq, 3].
+
+        k_cmp and v_cmp have ``T // kernel_stride + 2`` rows, zero after the first Tc (see ``compress``)."""
         if x.dim() != 3 or x.shape[-1] != self.hidden_size:
             raise ValueError(f"x must be [B, T, hidden_size={self.hidden_size}], got shape {tuple(x.shape)}")
         batch, num_tokens, _ = x.shape
@@ -90,11 +93,14 @@ class FlashSparseAttention(nn.Module):
         gates = torch.sigmoid(self.gate_proj(x)).view(batch, num_tokens, self.num_heads, 3)
 
         ks, stride = self.kernel_size, self.kernel_stride
-        k_cmp = compress(k, self.compress_key, self.compress_key_pos, ks, stride, cu_seqlens)
-        v_cmp = compress(v, self.compress_value, self.compress_value_pos, ks, stride, cu_seqlens)
+        # T // stride + 2 compressed rows (zeros past Tc), not Tc: no shape branches on T >= kernel_size, so the
+        # layer exports with a dynamic T from 1.
+        rows = max_compressed_rows(num_tokens, stride)
+        k_cmp = compress(k, self.compress_key, self.compress_key_pos, ks, stride, cu_seqlens, rows)
+        v_cmp = compress(v, self.compress_value, self.compress_value_pos, ks, stride, cu_seqlens, rows)
 
         positions = token_positions(cu_seqlens, num_tokens, x.device)
-        _, cmp_positions, _ = compressed_layout(cu_seqlens, num_tokens, ks, stride, x.device)
+        _, cmp_positions, _ = compressed_layout(cu_seqlens, num_tokens, ks, stride, x.device, rows)
         q = rotary_embedding(q, positions, self.rope_theta)
         k = rotary_embedding(k, positions, self.rope_theta)
         k_cmp = rotary_embedding(k_cmp, cmp_positions, self.rope_theta)

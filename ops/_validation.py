@@ -11,6 +11,19 @@ import torch
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 MAX_HEAD_DIM = 256
+# As many query heads as the largest models have (DeepSeek-V3: 128): a q with more whose transpose fits the ops'
+# rules is taken for a [B, H, T, D] tensor (see layout_hint).
+MAX_HEADS = 128
+
+
+def layout_hint(q, k) -> str:
+    """A sentence for shape errors when q and k read as head-major ``[B, H, T, D]`` fit the ops' rules (Hq a
+    multiple of Hkv, Tq <= Tk, at most MAX_HEADS heads), else ''."""
+    hq, hkv, num_queries, num_keys = q.shape[1], k.shape[1], q.shape[2], k.shape[2]
+    if 0 < hkv <= hq <= MAX_HEADS and hq % hkv == 0 and num_queries <= num_keys:
+        return (f"; q {tuple(q.shape)} and k {tuple(k.shape)} look like [B, H, T, D], but fsa ops take "
+                f"token-major [B, T, H, D]: pass q.transpose(1, 2) (and k, v likewise)")
+    return ""
 
 
 def check_tensor(name: str, x, ndim: int, layout: str) -> None:
@@ -81,7 +94,11 @@ def check_qkv(q, k, v, k_name: str = "k", v_name: str = "v") -> None:
         raise ValueError(f"{k_name} head dim must equal q's D={d}, got {k.shape[3]}")
     hkv = k.shape[2]
     if hkv == 0 or hq % hkv != 0:
-        raise ValueError(f"Hq={hq} (q.shape[2]) is not a multiple of Hkv={hkv} ({k_name}.shape[2])")
+        raise ValueError(
+            f"Hq={hq} (q.shape[2]) is not a multiple of Hkv={hkv} ({k_name}.shape[2]){layout_hint(q, k)}"
+        )
+    if hq > MAX_HEADS and layout_hint(q, k):
+        raise ValueError(f"q has Hq={hq} heads (q.shape[2]), more than {MAX_HEADS}{layout_hint(q, k)}")
     for name, dim in (("q", d), (v_name, v.shape[3])):
         if not 1 <= dim <= MAX_HEAD_DIM:
             raise ValueError(f"{name} head dim must be in [1, {MAX_HEAD_DIM}], got {dim}")
@@ -149,24 +166,46 @@ def num_compressed(num_keys, kernel_size: int, kernel_stride: int):
     return (num_keys - kernel_size) // kernel_stride + 1
 
 
+def max_compressed_rows(num_keys, kernel_stride: int):
+    """The most compressed rows an op accepts: ``Tk // kernel_stride + 2`` (>= Tc + 1 for any Tk >= 0, and >= 2).
+
+    A compressed tensor of this many rows (zeros after the first Tc) has a shape that needs no branch on whether
+    Tk reaches kernel_size, so torch.export can trace one program for every T >= 1 (``FlashSparseAttention``)."""
+    return num_keys // kernel_stride + 2
+
+
 def check_compressed_keys(name: str, k_cmp, q: torch.Tensor, num_keys, kernel_size, kernel_stride) -> None:
-    expected = num_compressed(num_keys, kernel_size, kernel_stride)
-    if k_cmp.shape[1] != expected:
+    """k_cmp holds at least Tc and at most ``max_compressed_rows`` rows; rows past Tc are never read."""
+    rows = k_cmp.shape[1]
+    most = max_compressed_rows(num_keys, kernel_stride)
+    # The layer's row count first: under torch.export it is the same symbolic expression, known equal without a
+    # guard, where the range check below would guard on T (Tc <= rows <=> Tk - kernel_size < rows * stride).
+    if rows != most and (num_keys - kernel_size >= rows * kernel_stride or rows > most):
+        expected = num_compressed(num_keys, kernel_size, kernel_stride)
         raise ValueError(
-            f"{name} must have Tc = max(0, (Tk - kernel_size) // kernel_stride + 1) = {expected} rows "
-            f"(Tk={num_keys}, kernel_size={kernel_size}, kernel_stride={kernel_stride}), got {k_cmp.shape[1]}"
+            f"{name} must have Tc = max(0, (Tk - kernel_size) // kernel_stride + 1) = {expected} rows, or up to "
+            f"Tk // kernel_stride + 2 = {most} with zero rows after them "
+            f"(Tk={num_keys}, kernel_size={kernel_size}, kernel_stride={kernel_stride}), got {rows}"
         )
 
 
-def check_indices(indices, q: torch.Tensor, num_kv_heads: int) -> None:
+def check_keys_cover_queries(q: torch.Tensor, k: torch.Tensor) -> None:
+    """Tq <= Tk: queries are the last Tq of the Tk keys."""
+    if k.shape[1] < q.shape[1]:
+        raise ValueError(
+            f"k must have at least as many tokens as q: Tq={q.shape[1]}, Tk={k.shape[1]}{layout_hint(q, k)}"
+        )
+
+
+def check_indices(indices, q: torch.Tensor, k: torch.Tensor) -> None:
     """indices int32 [B, Tq, Hkv, topk]."""
     check_tensor("indices", indices, 4, "[B, Tq, Hkv, topk]")
     if indices.dtype != torch.int32:
         raise TypeError(f"indices must be int32, got {indices.dtype}")
     check_device("indices", indices, q)
-    expected = (q.shape[0], q.shape[1], num_kv_heads)
+    expected = (q.shape[0], q.shape[1], k.shape[2])
     if tuple(indices.shape[:3]) != expected:
         raise ValueError(
             f"indices must have shape [B, Tq, Hkv, topk] = [{expected[0]}, {expected[1]}, {expected[2]}, topk], "
-            f"got {tuple(indices.shape)}"
+            f"got {tuple(indices.shape)}{layout_hint(q, k)}"
         )

@@ -3,8 +3,8 @@
 Query at position t, head h attends the keys ``s <= t`` of the blocks ``indices[b, t, h // G, :]``
 (block j = keys ``[j*block_size, (j+1)*block_size)`` of the query's sequence). Indices are int32
 ``[B, Tq, Hkv, topk]``, strictly ascending with ``-1`` (empty) slots last; an index outside
-``[0, t // block_size]`` is treated as ``-1`` and never read. A block repeated within a row is not detected (that
-would take a host sync) and is attended twice.
+``[0, t // block_size]`` is treated as ``-1`` and never read, and a block repeated within a row is attended once
+(the indices mean a set of blocks; every path drops the later slots of a repeat).
 
 q [B, Tq, Hq, D], k [B, Tk, Hkv, D], v [B, Tk, Hkv, Dv] -> o [B, Tq, Hq, Dv], lse [B, Tq, Hq] (float32).
 Differentiable in q, k, v.
@@ -55,11 +55,10 @@ def _check_inputs(q, k, v, indices, block_size, scale, cu_seqlens, impl="auto") 
     check.check_qkv(q, k, v)
     if impl not in IMPLS:
         raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
-    check.check_indices(indices, q, k.shape[2])
+    check.check_indices(indices, q, k)
     check.check_positive("block_size", block_size)
     check.check_cu_seqlens(cu_seqlens, q, k.shape[1])
-    if k.shape[1] < q.shape[1]:
-        raise ValueError(f"k must have at least as many tokens as q: Tq={q.shape[1]}, Tk={k.shape[1]}")
+    check.check_keys_cover_queries(q, k)
 
 
 def _plan(q, k, v, indices, block_size, cu_seqlens):
@@ -74,7 +73,7 @@ def _plan(q, k, v, indices, block_size, cu_seqlens):
         start = segment.query_start + positions.start - segment.first_position
         blocks = indices[segment.batch, start : start + len(positions)].long()  # [C, Hkv, topk]
         query_pos = torch.arange(positions.start, positions.stop, device=q.device).view(-1, 1, 1)
-        valid = (blocks >= 0) & (blocks <= query_pos // block_size)
+        valid = (blocks >= 0) & (blocks <= query_pos // block_size) & ~_repeats_earlier_slot(blocks)
         if positions.stop <= keys_per_query:
             # Short prefix: a shared span with a block-membership mask is cheaper than a gather.
             key_pos = torch.arange(positions.stop, device=q.device)
@@ -85,6 +84,13 @@ def _plan(q, k, v, indices, block_size, cu_seqlens):
         return rows.masked_fill(~mask, 0), mask.unsqueeze(2)
 
     return segments, select_keys, chunk
+
+
+def _repeats_earlier_slot(blocks: Tensor) -> Tensor:
+    """bool [..., topk]: the slot's block also sits at an earlier slot of its row (attended once, at the first)."""
+    slots = torch.arange(blocks.shape[-1], device=blocks.device)
+    same = blocks.unsqueeze(-1) == blocks.unsqueeze(-2)  # [..., slot, earlier slot]
+    return (same & (slots.view(-1, 1) > slots.view(1, -1))).any(-1)
 
 
 def choose_kernel(impl: str, group_size: int, num_queries: int, backward: bool = False) -> str:

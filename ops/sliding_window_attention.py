@@ -25,8 +25,7 @@ def _check_inputs(q, k, v, window_size, scale, cu_seqlens) -> None:
     check.check_qkv(q, k, v)
     check.check_positive("window_size", window_size)
     check.check_cu_seqlens(cu_seqlens, q, k.shape[1])
-    if k.shape[1] < q.shape[1]:
-        raise ValueError(f"k must have at least as many tokens as q: Tq={q.shape[1]}, Tk={k.shape[1]}")
+    check.check_keys_cover_queries(q, k)
 
 
 def _plan(q, k, window_size, cu_seqlens):

@@ -16,8 +16,25 @@ FSA_OPS = [
 
 
 def export_with_dynamic_length(layer, x):
-    length = torch.export.Dim("T", min=16, max=4096)
+    length = torch.export.Dim("T", min=1, max=65536)
     return torch.export.export(layer, (x,), dynamic_shapes={"x": {1: length}})
+
+
+def test_readme_export_snippet_from_one_token():
+    """The README's layer and export call, with T from 1: lengths below kernel_size (no compressed key), at it,
+    and past a few blocks all run in one exported program, as in eager."""
+    import fsa_compile
+
+    layer = fsa_compile.FlashSparseAttention(
+        hidden_size=1024, num_heads=16, num_kv_heads=4, head_dim=64,
+        kernel_size=32, kernel_stride=16, block_size=64, topk=16, init_blocks=1, local_blocks=2, window_size=512,
+    ).to(DEVICE)
+    x = torch.randn(2, 200, 1024, device=DEVICE)
+    T = torch.export.Dim("T", min=1, max=65536)
+    program = torch.export.export(layer, (x,), dynamic_shapes={"x": {1: T}})
+    for num_tokens in (1, 2, 31, 32, 47, 48, 333):
+        x = torch.randn(2, num_tokens, 1024, device=DEVICE)
+        torch.testing.assert_close(program.module()(x), layer(x))
 
 
 def test_export_keeps_fsa_ops_with_a_dynamic_length():
@@ -61,6 +78,8 @@ def test_aoti_package_runs_in_a_fresh_process(tmp_path):
     layer = make_small_layer().eval()
     program = export_with_dynamic_length(layer, torch.randn(1, 45, 64, device=DEVICE))
     x = torch.randn(1, 77, 64, device=DEVICE)  # another length than the one exported with
+    assert_package_matches_in_a_fresh_process(program, x, layer(x), tmp_path, "torch, fsa_compile")
+    x = torch.randn(1, 3, 64, device=DEVICE)  # below kernel_size: no compressed key
     assert_package_matches_in_a_fresh_process(program, x, layer(x), tmp_path, "torch, fsa_compile")
 
 

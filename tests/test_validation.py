@@ -77,12 +77,41 @@ CASES = [
      r"k_cmp must have Tc = max\(0, \(Tk - kernel_size\) // kernel_stride \+ 1\) = 5 rows"),
     ("seqlen-k-small", lambda x: compressed(x, seqlen_k=10), ValueError, r"seqlen_k must be >= Tq=24 \(queries are the last Tq keys\), got 10"),
     ("seqlen-k-varlen", lambda x: compressed(x, seqlen_k=24, cu_seqlens=cu([0, T])), ValueError, "seqlen_k must be None with cu_seqlens"),
+    ("k-cmp-too-many-rows", lambda x: compressed(x, k_cmp=x["k"], v_cmp=x["v"]), ValueError,
+     r"or up to Tk // kernel_stride \+ 2 = 8 with zero rows after them"),
     ("lse-dtype", lambda x: select(x, lse=x["lse"].half()), TypeError, "lse must be torch.float32"),
     ("lse-shape", lambda x: select(x, lse=x["lse"][:, :, :2]), ValueError, r"lse must have shape \[B, Tq, Hq\]"),
     ("topk", lambda x: select(x, topk=0), ValueError, "topk must be >= 1, got 0"),
     ("forced-over-topk", lambda x: select(x, init_blocks=2, local_blocks=2), ValueError, r"init_blocks \+ local_blocks must be <= topk"),
     ("local-negative", lambda x: select(x, local_blocks=-1), ValueError, "local_blocks must be >= 0, got -1"),
 ]
+
+
+def head_major(heads, kv_heads, num_tokens, num_keys=None):
+    """q, k, v (and indices) of a user who built them as [B, H, T, D]."""
+    num_keys = num_tokens if num_keys is None else num_keys
+    return dict(q=torch.randn(1, heads, num_tokens, 16), k=torch.randn(1, kv_heads, num_keys, 16),
+                v=torch.randn(1, kv_heads, num_keys, 16), indices=torch.zeros(1, num_tokens, kv_heads, 3, dtype=torch.int32))
+
+
+LOOKS_HEAD_MAJOR = r".*look like \[B, H, T, D\], but fsa ops take token-major \[B, T, H, D\]: pass q.transpose\(1, 2\)"
+CASES += [
+    ("head-major-indices", lambda x: selected(head_major(4, 2, 100)), ValueError,
+     r"indices must have shape \[B, Tq, Hkv, topk\] = \[1, 4, 100, topk\], got \(1, 100, 2, 3\)" + LOOKS_HEAD_MAJOR),
+    ("head-major-fewer-keys", lambda x: window(head_major(4, 2, 64)), ValueError,
+     "k must have at least as many tokens as q: Tq=4, Tk=2" + LOOKS_HEAD_MAJOR),
+    ("head-major-gqa", lambda x: window(head_major(4, 2, 100, 120)), ValueError,
+     r"Hq=100 \(q.shape\[2\]\) is not a multiple of Hkv=120" + LOOKS_HEAD_MAJOR),
+    ("head-major-same-heads", lambda x: window(head_major(4, 4, 256)), ValueError,
+     r"q has Hq=256 heads \(q.shape\[2\]\), more than 128" + LOOKS_HEAD_MAJOR),
+]
+
+
+def test_many_heads_alone_are_not_taken_for_head_major():
+    """A genuine q with more than 128 heads (decode: one token) is accepted: its transpose fits no rule."""
+    q, k, v = torch.randn(1, 1, 256, 16), torch.randn(1, 9, 256, 16), torch.randn(1, 9, 256, 16)
+    o, _ = fsa_compile.sliding_window_attention(q, k, v, 4)
+    assert o.shape == q.shape
 
 
 @pytest.mark.parametrize("call,error,message", [c[1:] for c in CASES], ids=[c[0] for c in CASES])

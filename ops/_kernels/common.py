@@ -29,6 +29,18 @@ def finite_or_zero(x):
 
 
 @triton.jit
+def repeats_earlier_slot(indices, row_start, slot, block, mask, TOPK: tl.constexpr):
+    """Whether ``block``, at ``slot`` of the index row at offset ``row_start``, also sits at an earlier slot of that
+    row (scalars or blocks of entries). A repeated block is attended once, at its first slot: TOPK loads of one row,
+    which stay in L1."""
+    repeat = block != block
+    for j in tl.static_range(TOPK):
+        earlier = tl.load(indices + row_start + j, mask=mask & (j < slot), other=-1)
+        repeat = repeat | ((j < slot) & (earlier == block))
+    return repeat
+
+
+@triton.jit
 def online_softmax_step(s, m_i, l_i, acc, vv, INPUT_PRECISION: tl.constexpr):
     """Fold one key tile into an online softmax: base-2 logits s [M, N] (-inf where masked), values vv [N, DV],
     running max m_i [M], sum l_i [M] and output acc [M, DV]. -> the updated (m_i, l_i, acc)."""

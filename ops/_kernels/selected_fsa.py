@@ -25,7 +25,9 @@ passes run over chunks of flattened tokens to bound the partial buffers.
 import triton
 import triton.language as tl
 
-from .common import finish_softmax, finite_or_zero, fp32_scales, load_gradient_rows, masked_scores
+from .common import (
+    finish_softmax, finite_or_zero, fp32_scales, load_gradient_rows, masked_scores, repeats_earlier_slot,
+)
 
 
 @triton.jit
@@ -42,16 +44,18 @@ def _selection_keys_kernel(
     HKV: tl.constexpr, TOPK: tl.constexpr, BS: tl.constexpr, BLOCK: tl.constexpr,
 ):
     """keys [E]: the sort key of each entry of ``indices [N, HKV, TOPK]`` (the tokens from first_token), or
-    ``invalid_key`` for -1 padding, out-of-range and future blocks (they are never read)."""
+    ``invalid_key`` for -1 padding, out-of-range and future blocks and repeats of an earlier slot (never read)."""
     entry = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     in_range = entry < num_entries
     token = first_token + entry // (HKV * TOPK)  # b * Tq + t
     h = (entry // TOPK) % HKV
     t = token % Tq
-    block = tl.load(indices + entry, mask=in_range, other=-1).to(tl.int64)
+    block = tl.load(indices + entry, mask=in_range, other=-1)
     sequence_start = tl.load(sequence_starts + t, mask=in_range, other=0).to(tl.int64)
-    key = ((token // Tq) * HKV + h) * Tk + sequence_start + block * BS
-    key = tl.where(_is_read(block, t, query_rows, sequence_start, in_range, BS), key, invalid_key)
+    read = _is_read(block, t, query_rows, sequence_start, in_range, BS)
+    read &= ~repeats_earlier_slot(indices, entry - entry % TOPK, entry % TOPK, block, in_range, TOPK)
+    key = ((token // Tq) * HKV + h) * Tk + sequence_start + block.to(tl.int64) * BS
+    key = tl.where(read, key, invalid_key)
     tl.store(keys + entry, key.to(keys.dtype.element_ty), mask=in_range)
 
 
@@ -227,6 +231,7 @@ def _selected_attention_fsa_dq_sum_kernel(
         entry = (token * HKV + h) * TOPK + slot
         block = tl.load(indices + entry, mask=row_mask, other=-1)
         read = _is_read(block, t, query_rows, sequence_start, row_mask, BS)
+        read &= ~repeats_earlier_slot(indices, entry - slot, slot, block, row_mask, TOPK)
         acc += tl.load(
             dq_partial + (entry * G + g)[:, None] * D + offs_d[None, :], mask=read[:, None] & (offs_d[None, :] < D),
             other=0.0,

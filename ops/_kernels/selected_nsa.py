@@ -12,7 +12,9 @@ sequence starts; a key row r of block j is visible iff ``r <= query_row``.
 import triton
 import triton.language as tl
 
-from .common import finish_softmax, fp32_scales, load_gradient_rows, masked_scores, online_softmax_step
+from .common import (
+    finish_softmax, fp32_scales, load_gradient_rows, masked_scores, online_softmax_step, repeats_earlier_slot,
+)
 
 
 @triton.jit
@@ -28,10 +30,12 @@ def _program(query_rows, sequence_starts, Tq, Tk, HKV: tl.constexpr):
 
 
 @triton.jit
-def _selected_block(indices_row, slot, query_row, sequence_start, offs_s, BS: tl.constexpr):
-    """Key rows [BLOCK_S] of the selected block in ``slot`` and their mask; invalid slots mask everything."""
+def _selected_block(indices_row, slot, query_row, sequence_start, offs_s, BS: tl.constexpr, TOPK: tl.constexpr):
+    """Key rows [BLOCK_S] of the selected block in ``slot`` and their mask; invalid slots (and repeats of an
+    earlier slot) mask everything."""
     j = tl.load(indices_row + slot)
     valid = (j >= 0) & (j <= (query_row - sequence_start) // BS)
+    valid = valid & ~repeats_earlier_slot(indices_row, 0, slot, j, True, TOPK)
     key_row = sequence_start + tl.where(valid, j, 0).to(tl.int64) * BS + offs_s
     # An invalid slot gets a limit no key row meets (folding it in avoids broadcasting a scalar bool).
     limit = tl.where(valid, query_row, -1)
@@ -64,7 +68,7 @@ def _selected_attention_nsa_fwd_kernel(
     l_i = tl.zeros([BLOCK_G], tl.float32)
     acc = tl.zeros([BLOCK_G, BLOCK_DV], tl.float32)
     for slot in range(TOPK):
-        key_row, key_mask = _selected_block(indices_row, slot, query_row, sequence_start, offs_s, BS)
+        key_row, key_mask = _selected_block(indices_row, slot, query_row, sequence_start, offs_s, BS, TOPK)
         kv_row = (key_base + key_row) * HKV + h
         kt = tl.load(k + kv_row[None, :] * D + offs_d[:, None], mask=key_mask[None, :] & (offs_d[:, None] < D), other=0.0)
         s = masked_scores(qv, kt, key_mask[None, :], qk_scale, INPUT_PRECISION)  # [BLOCK_G, BLOCK_S]
@@ -103,7 +107,7 @@ def _selected_attention_nsa_bwd_kernel(
 
     dq_acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
     for slot in range(TOPK):
-        key_row, key_mask = _selected_block(indices_row, slot, query_row, sequence_start, offs_s, BS)
+        key_row, key_mask = _selected_block(indices_row, slot, query_row, sequence_start, offs_s, BS, TOPK)
         kv_row = (key_base + key_row) * HKV + h
         kt = tl.load(k + kv_row[None, :] * D + offs_d[:, None], mask=key_mask[None, :] & (offs_d[:, None] < D), other=0.0)
         vt = tl.load(v + kv_row[None, :] * DV + offs_dv[:, None], mask=key_mask[None, :] & (offs_dv[:, None] < DV), other=0.0)

@@ -57,19 +57,17 @@ def test_out_of_range_indices_are_ignored(impl):
         torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
 
 
-@pytest.mark.xfail(
-    strict=True, raises=AssertionError, reason="known limitation: a block repeated within a row is attended twice"
-)
 def test_a_block_repeated_in_a_row_counts_once(impl):
     """Indices that name a block twice (against the contract, which select_blocks keeps) still mean the set of
-    blocks, as in the reference. Fails today on every path: the repeat is attended a second time."""
-    q, k, v = make_qkv(1, 40, 40, 4, 2, 16)
-    indices = make_indices(1, 40, 40, 2, 8, 3)
-    repeated = indices.clone()
-    repeated[..., 1] = torch.where(indices[..., 0] >= 0, indices[..., 0], indices[..., 1])
-    o, lse = torch.ops.fsa.selected_attention(q, k, v, repeated, 8, None, None, impl)
-    ref_o, _ = reference.selected_attention(q.double(), k.double(), v.double(), repeated, 8)
-    torch.testing.assert_close(o.double(), ref_o, rtol=0, atol=1e-4)
+    blocks, as in the reference, forward and backward."""
+    q, k, v = make_qkv(2, 45, 50, 4, 2, 16)
+    indices = make_indices(2, 45, 50, 2, 8, 5)
+    # Repeats next to each other, far apart and in unsorted rows, over valid blocks and -1 slots alike.
+    repeated = torch.stack([indices[..., 0], indices[..., 0], indices[..., 1], indices[..., 0], indices[..., 1]], -1)
+    shuffled = repeated[..., torch.tensor([3, 1, 4, 0, 2], device=DEVICE)]
+    repeated = torch.where(torch.rand(repeated.shape[:3], device=DEVICE).unsqueeze(-1) < 0.5, repeated, shuffled)
+    out = torch.ops.fsa.selected_attention(q, k, v, repeated, 8, None, None, impl)
+    check_attention(out, lambda q, k, v: reference.selected_attention(q, k, v, repeated, 8), (q, k, v), torch.float32)
 
 
 def test_all_blocks_selected_is_causal_attention():
