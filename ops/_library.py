@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
 
 import torch
 import triton
@@ -22,7 +21,7 @@ def op_name(name: str) -> str:
     return f"{NAMESPACE}::{name}"
 
 
-def triton_custom_op(name: str, *, inline_when: Callable[..., bool] | None = None):
+def triton_custom_op(name: str):
     """Decorator: ``fsa::name`` as a ``custom_op`` whose default implementation launches Triton kernels through
     ``torch.library.wrap_triton``. Add the CPU kernel, the fake and the autograd as for any ``custom_op``.
 
@@ -30,8 +29,8 @@ def triton_custom_op(name: str, *, inline_when: Callable[..., bool] | None = Non
     FunctionalTensorMode), a call on CUDA tensors is traced through the implementation, so Inductor sees the
     Triton kernels and launches them from the generated code (no Python op dispatch). Everywhere else the op
     stays one opaque node: CPU tensors, ``TRITON_INTERPRET=1``, float64 (the PyTorch path, which reads
-    ``cu_seqlens`` on the host), symbolic sizes (``dynamic=True``, see ``_inline_triton``), ``torch.export``
-    (which keeps ``fsa`` nodes, like ``triton_op``), and calls where ``inline_when(*args, **kwargs)`` is false.
+    ``cu_seqlens`` on the host), symbolic sizes (``dynamic=True``, see ``_inline_triton``) and ``torch.export``
+    (which keeps ``fsa`` nodes, like ``triton_op``).
 
     ``triton_op`` itself does not fit: it registers the implementation as the fake and inlines it on every
     device, and ``wrap_triton`` cannot trace the interpreter's kernels.
@@ -49,7 +48,7 @@ def triton_custom_op(name: str, *, inline_when: Callable[..., bool] | None = Non
         def trace_kernels(mode, func, types, args, kwargs):
             if any(t not in (torch.Tensor, FakeTensor, FunctionalTensor) for t in types):
                 return NotImplemented
-            if _inline_triton(args, kwargs) and (inline_when is None or inline_when(*args, **kwargs)):
+            if _inline_triton(args, kwargs):
                 with mode:
                     return implementation(*args, **kwargs)
             return mode.__torch_dispatch__(func, types, args, kwargs)

@@ -17,8 +17,9 @@ Kernels:
 - CPU: vectorised PyTorch that gathers each query's selected blocks, chunked over queries.
 
 The Triton backwards add dk/dv with atomics (dq is deterministic): run-to-run float differences. Under
-``torch.use_deterministic_algorithms(True)`` the backward runs the PyTorch kernel on any device instead:
-deterministic but slower. The forward and the other ops are deterministic either way.
+``torch.use_deterministic_algorithms(True)`` the FSA backward runs instead (for any ``impl``) with dk/dv summed
+from per-work-item partials in a fixed order: identical from run to run. The forward and the other ops are
+deterministic either way.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from . import _validation as check
 from ._kernels.common import next_power_of_2
 from ._kernels.selected_fsa import (
     _selected_attention_fsa_bwd_kernel,
+    _selected_attention_fsa_dkdv_sum_kernel,
     _selected_attention_fsa_dq_sum_kernel,
     _selected_attention_fsa_fwd_kernel,
     _selected_attention_fsa_merge_kernel,
@@ -268,11 +270,9 @@ def _selected_attention_fsa_fwd_chunk(
 
 
 def _selected_attention_bwd(do, dlse, q, k, v, o, lse, indices, block_size, scale, cu_seqlens, impl):
-    if torch.are_deterministic_algorithms_enabled():
-        # Both Triton backwards add dk/dv with atomics, so float sums depend on the order. With
-        # torch.use_deterministic_algorithms(True) the chunked PyTorch kernel runs instead: run-to-run identical
-        # (index_put_ accumulates deterministically), slower, and with cu_seqlens it reads the bounds on the host.
-        return _selected_attention_backward_torch(do, dlse, q, k, v, o, lse, indices, block_size, scale, cu_seqlens)
+    # Under torch.use_deterministic_algorithms(True) the FSA backward sums dk/dv partials in a fixed order instead
+    # of adding them with atomics, whatever impl asks (the NSA backward has no such mode).
+    deterministic = torch.are_deterministic_algorithms_enabled()
     q, k, v, indices, do, lse = (x.contiguous() for x in (q, k, v, indices, do, lse))
     batch, num_queries, hq, d = q.shape
     hkv = k.shape[2]
@@ -283,7 +283,7 @@ def _selected_attention_bwd(do, dlse, q, k, v, o, lse, indices, block_size, scal
     dq = torch.empty_like(q)
     dk = torch.zeros(k.shape, dtype=torch.float32, device=k.device)
     dv = torch.zeros(v.shape, dtype=torch.float32, device=v.device)
-    if choose_kernel(impl, hq // hkv, num_queries, backward=True) == "nsa":
+    if choose_kernel(impl, hq // hkv, num_queries, backward=True) == "nsa" and not deterministic:
         launch_fitting(
             lambda settings: fitted_kernel(_selected_attention_nsa_bwd_kernel, (num_queries, batch * hkv))(
                 q=q, k=k, v=v, do=do, lse=lse, delta=delta, indices=indices, query_rows=query_rows,
@@ -298,17 +298,18 @@ def _selected_attention_bwd(do, dlse, q, k, v, o, lse, indices, block_size, scal
     for first_token, chunk_indices in _token_chunks(flat_indices, hq // hkv * d * q.element_size()):
         _selected_attention_fsa_bwd_chunk(
             do, q, k, v, lse, delta, chunk_indices, first_token, dq, dk, dv, scale, config, cu_seqlens,
-            query_rows, sequence_starts, block_size,
+            query_rows, sequence_starts, block_size, deterministic,
         )
     return dq, dk.to(k.dtype), dv.to(v.dtype)
 
 
 def _selected_attention_fsa_bwd_chunk(
     do, q, k, v, lse, delta, indices, first_token, dq, dk, dv, scale, config, cu_seqlens, query_rows,
-    sequence_starts, block_size,
+    sequence_starts, block_size, deterministic,
 ):
     """FSA backward of the flattened tokens ``first_token .. first_token + len(indices)``: writes their dq rows,
-    adds to dk, dv (float32)."""
+    adds to dk, dv (float32): with atomics, or deterministically through per-work-item partials (float32
+    [items, BLOCK_S, BLOCK_D + BLOCK_DV], items <= entries / rows per item + KV blocks) summed in a fixed order."""
     num_queries, hkv = q.shape[1], k.shape[2]
     group = q.shape[2] // hkv
     num_tokens, _, topk = indices.shape
@@ -318,13 +319,28 @@ def _selected_attention_fsa_bwd_chunk(
         work, work_config = _fsa_work(
             k, indices, first_token, num_queries, cu_seqlens, query_rows, sequence_starts, block_size, group, settings
         )
-        fitted_kernel(_selected_attention_fsa_bwd_kernel, (work["item_keys"].shape[0],))(
+        num_items = work["item_keys"].shape[0]
+        dk_partial, dv_partial = dk, dv  # unused without DETERMINISTIC
+        if deterministic:
+            dk_partial = dk.new_empty(num_items, config["BLOCK_S"], config["BLOCK_D"])
+            dv_partial = dv.new_empty(num_items, config["BLOCK_S"], config["BLOCK_DV"])
+        fitted_kernel(_selected_attention_fsa_bwd_kernel, (num_items,))(
             q=q, k=k, v=v, do=do, lse=lse, delta=delta, **work, query_rows=query_rows, dq_partial=dq_partial, dk=dk,
-            dv=dv, scale=scale, first_token=first_token, Tq=num_queries, Tk=k.shape[1], **config, **work_config,
+            dv=dv, dk_partial=dk_partial, dv_partial=dv_partial, scale=scale, first_token=first_token,
+            Tq=num_queries, Tk=k.shape[1], **config, **work_config, DETERMINISTIC=deterministic,
         )
+        if deterministic:
+            wrap_triton(_selected_attention_fsa_dkdv_sum_kernel)[(num_items,)](
+                dk_partial=dk_partial, dv_partial=dv_partial, item_keys=work["item_keys"],
+                item_lengths=work["item_lengths"], sequence_starts=sequence_starts, dk=dk, dv=dv, num_items=num_items,
+                Tk=k.shape[1], HKV=hkv, BS=block_size, D=config["D"], DV=config["DV"], BLOCK_S=config["BLOCK_S"],
+                BLOCK_D=config["BLOCK_D"], BLOCK_DV=config["BLOCK_DV"], VARLEN=cu_seqlens is not None,
+            )
         return work_config
 
-    work_config = launch_fitting(launch, (FSA_BWD, *FSA_FALLBACKS), fitting_key("fsa_bwd", q, config))
+    work_config = launch_fitting(
+        launch, (FSA_BWD, *FSA_FALLBACKS), fitting_key("fsa_bwd", q, dict(config, DETERMINISTIC=deterministic))
+    )
     block_r = max(16, work_config["GP"])
     wrap_triton(_selected_attention_fsa_dq_sum_kernel)[(triton.cdiv(num_tokens, block_r // work_config["GP"]), hkv)](
         dq_partial=dq_partial, indices=indices, query_rows=query_rows, sequence_starts=sequence_starts, dq=dq,
@@ -361,11 +377,7 @@ def _(q, k, v, indices, block_size, scale=None, cu_seqlens=None, impl="auto"):
     return attention_outputs_like(q, v.shape[-1])
 
 
-# Under torch.use_deterministic_algorithms(True) the backward runs the PyTorch kernel (see
-# _selected_attention_bwd), which torch.compile must not trace through.
-@triton_custom_op(
-    "selected_attention_backward", inline_when=lambda *args, **kwargs: not torch.are_deterministic_algorithms_enabled()
-)
+@triton_custom_op("selected_attention_backward")
 def selected_attention_backward(
     do: Tensor, dlse: Tensor | None, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor,
     indices: Tensor, block_size: int, scale: float | None = None, cu_seqlens: Tensor | None = None,

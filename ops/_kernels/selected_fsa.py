@@ -13,7 +13,9 @@ slots); ``_selected_attention_fsa_merge_kernel`` merges the ``TOPK`` partials of
 max-shifted log-sum-exp.
 Backward: ``_selected_attention_fsa_bwd_kernel`` recomputes p per step, writes each entry's dq contribution
 ``dq_partial [E, G, D]`` (input dtype), and keeps the work item's dk/dv in registers until one atomic add at the
-end; ``_selected_attention_fsa_dq_sum_kernel`` adds the TOPK contributions of every (token, head) in float32.
+end (deterministic mode: a store to the item's partial, summed per block in item order by
+``_selected_attention_fsa_dkdv_sum_kernel``); ``_selected_attention_fsa_dq_sum_kernel`` adds the TOPK
+contributions of every (token, head) in float32.
 Partials rather than float32 dq atomics: the 16 scattered read-modify-writes of every dq row miss L2 and cost
 twice the bytes of writing and reading a bf16 partial.
 
@@ -174,12 +176,15 @@ def _selected_attention_fsa_merge_kernel(
 @triton.jit
 def _selected_attention_fsa_bwd_kernel(
     q, k, v, do, lse, delta, item_keys, item_starts, item_lengths, sorted_entries, query_rows,
-    dq_partial, dk, dv, scale,
+    dq_partial, dk, dv, dk_partial, dv_partial, scale,
     first_token, Tq, Tk,
     HQ: tl.constexpr, HKV: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, TOPK: tl.constexpr, BS: tl.constexpr,
     D: tl.constexpr, DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
-    BLOCK_DV: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    BLOCK_DV: tl.constexpr, INPUT_PRECISION: tl.constexpr, DETERMINISTIC: tl.constexpr,
 ):
+    """dq partials per entry; dk/dv of the work item's KV block added to dk, dv (float32) with atomics, or, if
+    DETERMINISTIC, written to the item's rows of dk_partial [items, BLOCK_S, BLOCK_D] / dv_partial
+    [items, BLOCK_S, BLOCK_DV] for ``_selected_attention_fsa_dkdv_sum_kernel``."""
     start, length, h, key_row, kv_row, key_mask = _work_item(item_keys, item_starts, item_lengths, Tk, HKV, BLOCK_S, BS)
     if length == 0:
         return
@@ -206,8 +211,63 @@ def _selected_attention_fsa_bwd_kernel(
                  mask=row_mask[:, None] & (offs_d[None, :] < D))
         dk_acc += tl.dot(tl.trans(ds).to(qv.dtype), qv, input_precision=INPUT_PRECISION)
         dv_acc += tl.dot(tl.trans(p).to(dov.dtype), dov, input_precision=INPUT_PRECISION)
-    tl.atomic_add(dk + kv_row[:, None] * D + offs_d[None, :], dk_acc * scale, mask=key_mask[:, None] & (offs_d[None, :] < D), sem="relaxed")
-    tl.atomic_add(dv + kv_row[:, None] * DV + offs_dv[None, :], dv_acc, mask=key_mask[:, None] & (offs_dv[None, :] < DV), sem="relaxed")
+    if DETERMINISTIC:
+        item_rows = tl.program_id(0).to(tl.int64) * BLOCK_S + tl.arange(0, BLOCK_S)
+        tl.store(dk_partial + item_rows[:, None] * BLOCK_D + offs_d[None, :], dk_acc * scale)
+        tl.store(dv_partial + item_rows[:, None] * BLOCK_DV + offs_dv[None, :], dv_acc)
+    else:
+        tl.atomic_add(dk + kv_row[:, None] * D + offs_d[None, :], dk_acc * scale, mask=key_mask[:, None] & (offs_d[None, :] < D), sem="relaxed")
+        tl.atomic_add(dv + kv_row[:, None] * DV + offs_dv[None, :], dv_acc, mask=key_mask[:, None] & (offs_dv[None, :] < DV), sem="relaxed")
+
+
+@triton.jit
+def _selected_attention_fsa_dkdv_sum_kernel(
+    dk_partial, dv_partial, item_keys, item_lengths, sequence_starts, dk, dv, num_items, Tk,
+    HKV: tl.constexpr, BS: tl.constexpr, D: tl.constexpr, DV: tl.constexpr, BLOCK_S: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, VARLEN: tl.constexpr,
+):
+    """The deterministic dk/dv: dk, dv [B*Tk*HKV, D] (float32) += the sum, in item order, of the partials of the
+    work items of one KV block. One program per item; the program of a block's first item does the sum, the
+    others exit. Packed sequences: a block may reach into the next sequence, whose rows it leaves to their own
+    blocks (it contributes zeros there)."""
+    item = tl.program_id(0)
+    key = tl.load(item_keys + item)
+    length = tl.load(item_lengths + item)
+    previous_key = tl.load(item_keys + item - 1, mask=item > 0, other=-1)
+    previous_length = tl.load(item_lengths + item - 1, mask=item > 0, other=0)
+    if (length == 0) | ((previous_key == key) & (previous_length > 0)):
+        return
+    offs_s = tl.arange(0, BLOCK_S)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    dk_acc = tl.zeros([BLOCK_S, BLOCK_D], tl.float32)
+    dv_acc = tl.zeros([BLOCK_S, BLOCK_DV], tl.float32)
+    current = item
+    same_block = length > 0
+    while same_block:
+        item_rows = current.to(tl.int64) * BLOCK_S + offs_s
+        dk_acc += tl.load(dk_partial + item_rows[:, None] * BLOCK_D + offs_d[None, :])
+        dv_acc += tl.load(dv_partial + item_rows[:, None] * BLOCK_DV + offs_dv[None, :])
+        current += 1
+        more = current < num_items
+        same_block = more & (tl.load(item_keys + current, mask=more, other=-1) == key) & (
+            tl.load(item_lengths + current, mask=more, other=0) > 0
+        )
+    key = key.to(tl.int64)
+    bh = key // Tk
+    first_row = key % Tk
+    key_row = first_row + offs_s
+    key_mask = (offs_s < BS) & (key_row < Tk)
+    if VARLEN:  # Tq == Tk: sequence_starts has one entry per key row
+        block_start = tl.load(sequence_starts + first_row)
+        key_mask &= tl.load(sequence_starts + key_row, mask=key_mask, other=-1) == block_start
+    kv_row = ((bh // HKV) * Tk + key_row) * HKV + bh % HKV
+    dk_ptrs = dk + kv_row[:, None] * D + offs_d[None, :]
+    dk_mask = key_mask[:, None] & (offs_d[None, :] < D)
+    tl.store(dk_ptrs, tl.load(dk_ptrs, mask=dk_mask, other=0.0) + dk_acc, mask=dk_mask)
+    dv_ptrs = dv + kv_row[:, None] * DV + offs_dv[None, :]
+    dv_mask = key_mask[:, None] & (offs_dv[None, :] < DV)
+    tl.store(dv_ptrs, tl.load(dv_ptrs, mask=dv_mask, other=0.0) + dv_acc, mask=dv_mask)
 
 
 @triton.jit

@@ -7,8 +7,8 @@ import fsa_compile
 from fsa_compile import reference
 from fsa_compile.ops.selected_attention import choose_kernel
 from tests._testing import (
-    DEVICE, SELECTED_PATHS, case_params, check_attention, check_on_query_suffix, grads, make_indices, make_qkv,
-    selected_attention_path,
+    DEVICE, RATIO, SELECTED_PATHS, assert_close, case_params, check_attention, check_on_query_suffix, grads,
+    make_cu_seqlens, make_indices, make_qkv, selected_attention_path,
 )
 
 BLOCKS = [(16, 3), (32, 2), (64, 4)]  # (block_size, topk); the last asks for more blocks than T=63..161 has
@@ -190,30 +190,63 @@ def test_launch_falls_back_once_when_settings_do_not_fit():
     assert tried == ["big", "medium", "medium"]  # the misfit is not retried
 
 
-def test_deterministic_algorithms_give_a_run_to_run_identical_backward(impl, monkeypatch):
-    """torch.use_deterministic_algorithms(True): no atomics in the backward (the Triton ones are not launched),
-    bitwise identical gradients on repeated runs, still equal to the reference."""
+DETERMINISTIC_CASES = [
+    pytest.param(1, 100, 4, 2, 32, 16, 3, None, id="B1-T100-G2"),
+    pytest.param(2, 77, 4, 1, 16, 8, 4, None, id="B2-T77-G4"),
+    # Blocks that reach into the next sequence, and an empty one.
+    pytest.param(1, 90, 2, 2, 16, 16, 3, (37, 0, 20, 33), id="varlen-G1"),
+    pytest.param(1, 4097, 8, 2, 128, 64, 16, (1000, 3097), id="varlen-T4097-G4", marks=pytest.mark.gpu),
+    pytest.param(2, 8192, 4, 4, 128, 64, 16, None, id="B2-T8192-G1", marks=pytest.mark.gpu),
+]
+
+
+@pytest.mark.parametrize("batch,num_tokens,hq,hkv,d,block_size,topk,lengths", DETERMINISTIC_CASES)
+def test_deterministic_algorithms_give_a_run_to_run_identical_backward(
+    batch, num_tokens, hq, hkv, d, block_size, topk, lengths, impl, monkeypatch
+):
+    """torch.use_deterministic_algorithms(True): the FSA backward runs in its deterministic mode for every impl (no
+    atomics: dk/dv partials summed in a fixed order), gradients are bitwise identical on repeated runs and equal
+    the reference."""
     module = sys.modules["fsa_compile.ops.selected_attention"]
+    launched = []
 
-    def atomics_kernel_launched(*args, **kwargs):
-        raise AssertionError("an atomics-based backward kernel ran in deterministic mode")
+    def recording_fitted_kernel(kernel, grid):
+        launch = fitted_kernel(kernel, grid)
 
-    for name in ("_selected_attention_fsa_bwd_kernel", "_selected_attention_nsa_bwd_kernel"):
-        monkeypatch.setattr(module, name, atomics_kernel_launched)
-    q, k, v = make_qkv(1, 100, 100, 4, 2, 32)
-    indices = make_indices(1, 100, 100, 2, 16, 3)
+        def record(*args, **kwargs):
+            launched.append((kernel.__name__, kwargs.get("DETERMINISTIC")))
+            return launch(*args, **kwargs)
+
+        return record
+
+    fitted_kernel = module.fitted_kernel
+    monkeypatch.setattr(module, "fitted_kernel", recording_fitted_kernel)
+    cu = None if lengths is None else make_cu_seqlens(lengths)
+    q, k, v = make_qkv(batch, num_tokens, num_tokens, hq, hkv, d)
+    indices = make_indices(batch, num_tokens, num_tokens, hkv, block_size, topk, cu)
     previous = torch.are_deterministic_algorithms_enabled()
     torch.use_deterministic_algorithms(True)
     try:
         runs = []
         for _ in range(2):
-            o, lse = torch.ops.fsa.selected_attention(q, k, v, indices, 16, None, None, impl)
+            o, lse = torch.ops.fsa.selected_attention(q, k, v, indices, block_size, None, cu, impl)
             runs.append(torch.autograd.grad((o * o).sum() + lse.sum(), (q, k, v)))
         for first, second in zip(*runs):
             assert torch.equal(first, second)
-        check_attention(
-            torch.ops.fsa.selected_attention(q, k, v, indices, 16, None, None, impl),
-            lambda q, k, v: reference.selected_attention(q, k, v, indices, 16), (q, k, v), torch.float32,
-        )
+        if impl != "auto":  # the Triton paths; "auto" on CPU is the PyTorch kernel
+            backward = [mode for name, mode in launched if name.endswith("bwd_kernel")]
+            assert backward and all(mode is True for mode in backward), launched
+            assert not any(name == "_selected_attention_nsa_bwd_kernel" for name, _ in launched)
+        out = torch.ops.fsa.selected_attention(q, k, v, indices, block_size, None, cu, impl)
+        if num_tokens <= 1000:
+            check_attention(
+                out, lambda q, k, v: reference.selected_attention(q, k, v, indices, block_size, None, cu), (q, k, v),
+                torch.float32,
+            )
     finally:
         torch.use_deterministic_algorithms(previous)
+    if num_tokens > 1000:  # GPU sizes: the same gradients as the default (atomics) backward
+        o, lse = torch.ops.fsa.selected_attention(q, k, v, indices, block_size, None, cu, impl)
+        default = torch.autograd.grad((o * o).sum() + lse.sum(), (q, k, v))
+        for name, want, got in zip(("dq", "dk", "dv"), default, runs[0]):
+            assert_close(name, want, got, RATIO[torch.float32])
