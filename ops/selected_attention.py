@@ -123,8 +123,8 @@ def _invert_indices(indices, first_token, num_queries, query_rows, sequence_star
 
     ``indices [N, Hkv, topk]`` are the selections of the flattened tokens ``first_token .. first_token + N`` of
     ``[B * Tq]``. Sync-free and sized from shapes (E = N*Hkv*topk entries). Returns int32 (sorted_entries [E],
-    item_keys, item_starts, item_lengths [num_items]) as described in ``_kernels/selected_fsa.py``; entries
-    are numbered from the chunk's first token.
+    item_keys, item_starts, item_lengths [num_items]) as described in ``_kernels/selected_fsa.py``, entries
+    numbered from the chunk's first token, and the unsorted keys [E] (``B * Hkv * Tk`` for an entry never read).
     """
     num_tokens, hkv, topk = indices.shape
     device = indices.device
@@ -157,8 +157,9 @@ def _invert_indices(indices, first_token, num_queries, query_rows, sequence_star
     item_starts = entry_ends[key] - counts[key] + within * block_q
     item_lengths = torch.where(used, (counts[key] - within * block_q).clamp(0, block_q), 0)
     item_keys = torch.where(used, key, 0)
-    return (sorted_entries.to(torch.int32), item_keys.to(torch.int32), item_starts.to(torch.int32),
-            item_lengths.to(torch.int32))
+    items = (sorted_entries.to(torch.int32), item_keys.to(torch.int32), item_starts.to(torch.int32),
+             item_lengths.to(torch.int32))
+    return items, keys
 
 
 def _launch_config(q, k, v, indices, block_size):
@@ -188,17 +189,18 @@ NSA_FALLBACKS = (dict(num_warps=4, num_stages=1),)
 
 def _fsa_work(k, indices, first_token, num_queries, cu_seqlens, query_rows, sequence_starts, block_size, group,
               settings):
-    """Inverted indices (of the flattened tokens from ``first_token``) and the meta-parameters of one launch."""
+    """Inverted indices (of the flattened tokens from ``first_token``), the meta-parameters of one launch and the
+    entries' selection keys (``_invert_indices``)."""
     gp = triton.next_power_of_2(group)
     block_m = max(settings["block_m"], gp)
     num_sequences = 1 if cu_seqlens is None else cu_seqlens.shape[0] - 1
-    items = _invert_indices(
+    items, keys = _invert_indices(
         indices, first_token, num_queries, query_rows, sequence_starts, block_size, k.shape[1], k.shape[0],
         num_sequences, block_m // gp * settings["steps"],
     )
     names = ("sorted_entries", "item_keys", "item_starts", "item_lengths")
     launch = dict(GP=gp, BLOCK_M=block_m, num_warps=settings["num_warps"], num_stages=settings["num_stages"])
-    return dict(zip(names, items)), launch
+    return dict(zip(names, items)), launch, keys
 
 
 def _selected_attention_fwd(q, k, v, indices, block_size, scale, cu_seqlens, impl):
@@ -251,7 +253,7 @@ def _selected_attention_fsa_fwd_chunk(
     lse_partial = torch.full((indices.numel(), group), float("-inf"), dtype=torch.float32, device=q.device)
 
     def launch(settings):
-        work, work_config = _fsa_work(
+        work, work_config, _ = _fsa_work(
             k, indices, first_token, num_queries, cu_seqlens, query_rows, sequence_starts, block_size, group, settings
         )
         fitted_kernel(_selected_attention_fsa_fwd_kernel, (work["item_keys"].shape[0],))(
@@ -316,7 +318,7 @@ def _selected_attention_fsa_bwd_chunk(
     dq_partial = q.new_empty(indices.numel(), group, q.shape[-1])
 
     def launch(settings):
-        work, work_config = _fsa_work(
+        work, work_config, keys = _fsa_work(
             k, indices, first_token, num_queries, cu_seqlens, query_rows, sequence_starts, block_size, group, settings
         )
         num_items = work["item_keys"].shape[0]
@@ -336,16 +338,16 @@ def _selected_attention_fsa_bwd_chunk(
                 Tk=k.shape[1], HKV=hkv, BS=block_size, D=config["D"], DV=config["DV"], BLOCK_S=config["BLOCK_S"],
                 BLOCK_D=config["BLOCK_D"], BLOCK_DV=config["BLOCK_DV"], VARLEN=cu_seqlens is not None,
             )
-        return work_config
+        return work_config, keys
 
-    work_config = launch_fitting(
+    work_config, keys = launch_fitting(
         launch, (FSA_BWD, *FSA_FALLBACKS), fitting_key("fsa_bwd", q, dict(config, DETERMINISTIC=deterministic))
     )
     block_r = max(16, work_config["GP"])
     wrap_triton(_selected_attention_fsa_dq_sum_kernel)[(triton.cdiv(num_tokens, block_r // work_config["GP"]), hkv)](
-        dq_partial=dq_partial, indices=indices, query_rows=query_rows, sequence_starts=sequence_starts, dq=dq,
-        first_token=first_token, num_tokens=num_tokens, Tq=num_queries, HKV=hkv, G=group, GP=work_config["GP"],
-        TOPK=topk, BS=block_size, D=q.shape[-1], BLOCK_R=block_r, BLOCK_D=config["BLOCK_D"],
+        dq_partial=dq_partial, selection_keys=keys, dq=dq, first_token=first_token, num_tokens=num_tokens,
+        unread_key=k.shape[0] * hkv * k.shape[1], HKV=hkv, G=group, GP=work_config["GP"], TOPK=topk, D=q.shape[-1],
+        BLOCK_R=block_r, BLOCK_D=config["BLOCK_D"],
     )
 
 

@@ -68,7 +68,9 @@ def test_compiled_gradients_match_eager_over_layer_configs(hidden, hq, hkv, d, c
     """Every parameter gradient and dx of a compiled layer equal eager's (issue: a CPU Inductor miscompile lost
     the compression path's share of dk in some configurations)."""
     layer = make_layer(hidden, hq, hkv, d, dtype=GRID_DTYPE, **config)
-    cu = make_cu_seqlens((5, 0, 41, 34)) if varlen else None
+    # Sequences long enough to see several compressed keys: a query that sees exactly one has ds = 0, so the
+    # compress parameters' gradient would be rounding noise alone (relative error meaningless in float32).
+    cu = make_cu_seqlens((5, 0, 75)) if varlen else None
     x = torch.randn(1 if varlen else 2, 80, hidden, device=DEVICE, dtype=GRID_DTYPE)
     cot = torch.randn(x.shape, device=DEVICE, dtype=GRID_DTYPE)
     results = []

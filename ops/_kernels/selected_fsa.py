@@ -272,26 +272,23 @@ def _selected_attention_fsa_dkdv_sum_kernel(
 
 @triton.jit
 def _selected_attention_fsa_dq_sum_kernel(
-    dq_partial, indices, query_rows, sequence_starts, dq, first_token, num_tokens, Tq,
-    HKV: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, TOPK: tl.constexpr, BS: tl.constexpr, D: tl.constexpr,
+    dq_partial, selection_keys, dq, first_token, num_tokens, unread_key,
+    HKV: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, TOPK: tl.constexpr, D: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """dq [B*Tq, HQ, D] of BLOCK_R // GP tokens of one KV head: the float32 sum of their attended entries' rows of
-    dq_partial (numbered from the chunk's first token, like ``indices [num_tokens, HKV, TOPK]``)."""
+    dq_partial (entries numbered from the chunk's first token); an entry is attended iff its selection key (from
+    ``_selection_keys_kernel``) is not ``unread_key``."""
     h = tl.program_id(1)
     offs_r = tl.arange(0, BLOCK_R)
     offs_d = tl.arange(0, BLOCK_D)
     token = tl.program_id(0).to(tl.int64) * (BLOCK_R // GP) + offs_r // GP
     g = offs_r % GP
     row_mask = (token < num_tokens) & (g < G)
-    t = (first_token + token) % Tq
-    sequence_start = tl.load(sequence_starts + t, mask=row_mask, other=0).to(tl.int64)
     acc = tl.zeros([BLOCK_R, BLOCK_D], tl.float32)
     for slot in range(TOPK):
         entry = (token * HKV + h) * TOPK + slot
-        block = tl.load(indices + entry, mask=row_mask, other=-1)
-        read = _is_read(block, t, query_rows, sequence_start, row_mask, BS)
-        read &= ~repeats_earlier_slot(indices, entry - slot, slot, block, row_mask, TOPK)
+        read = tl.load(selection_keys + entry, mask=row_mask, other=unread_key) != unread_key
         acc += tl.load(
             dq_partial + (entry * G + g)[:, None] * D + offs_d[None, :], mask=read[:, None] & (offs_d[None, :] < D),
             other=0.0,
