@@ -65,7 +65,8 @@ def run(args) -> None:
 
 def compare(first_path: Path, second_path: Path, out: Path) -> None:
     first, second = (json.loads(p.read_text()) for p in (first_path, second_path))
-    lines = [f"{first['label']} -> {second['label']} on {second.get('device', '?')} (median ms; ratio second/first)"]
+    device = second.get("device", "?")
+    lines = [f"{first['label']} -> {second['label']} on {device} (median ms; ratio second/first)"]
     labels, ratios = [], {}
     for key, modes in second["ms"].items():
         for mode, ms in modes.items():

@@ -1,4 +1,5 @@
-"""Key/value compression and rotary embeddings in plain PyTorch, so Inductor sees and fuses them.
+"""Key/value compression and rotary embeddings in plain PyTorch, so Inductor sees and fuses them (on CPU the
+window gather is one opaque op, see ``compression_windows``).
 
 No host synchronisation: packed (``cu_seqlens``) layouts are resolved on the device with ``searchsorted``.
 """

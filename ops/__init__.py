@@ -9,4 +9,6 @@ from .select_blocks import select_blocks
 from .selected_attention import selected_attention
 from .sliding_window_attention import sliding_window_attention
 
-__all__ = ["compressed_attention", "compression_windows", "select_blocks", "selected_attention", "sliding_window_attention"]
+__all__ = [
+    "compressed_attention", "compression_windows", "select_blocks", "selected_attention", "sliding_window_attention",
+]

@@ -32,7 +32,10 @@ def kernel_paths():
         yield
 
 
-@pytest.mark.parametrize("name,impl", [(name, "fsa") for name in MALFORMED] + [("negative", "nsa"), ("extremes", "nsa")])
+CASES = [(name, "fsa") for name in MALFORMED] + [("negative", "nsa"), ("extremes", "nsa")]
+
+
+@pytest.mark.parametrize("name,impl", CASES)
 def test_malformed_cu_seqlens_read_nothing_out_of_bounds(name, impl, kernel_paths):
     layer = make_small_layer()
     bad = torch.tensor(MALFORMED[name], dtype=torch.int32, device=DEVICE)

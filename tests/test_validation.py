@@ -91,7 +91,8 @@ def head_major(heads, kv_heads, num_tokens, num_keys=None):
     """q, k, v (and indices) of a user who built them as [B, H, T, D]."""
     num_keys = num_tokens if num_keys is None else num_keys
     return dict(q=torch.randn(1, heads, num_tokens, 16), k=torch.randn(1, kv_heads, num_keys, 16),
-                v=torch.randn(1, kv_heads, num_keys, 16), indices=torch.zeros(1, num_tokens, kv_heads, 3, dtype=torch.int32))
+                v=torch.randn(1, kv_heads, num_keys, 16),
+                indices=torch.zeros(1, num_tokens, kv_heads, 3, dtype=torch.int32))
 
 
 LOOKS_HEAD_MAJOR = r".*look like \[B, H, T, D\], but fsa ops take token-major \[B, T, H, D\]: pass q.transpose\(1, 2\)"
