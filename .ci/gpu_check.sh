@@ -4,8 +4,9 @@
 #   bash .ci/gpu_check.sh selected-fsa         # selected attention vs the reference, FSA kernel
 #   bash .ci/gpu_check.sh selected-nsa         # the same, NSA kernel
 #   bash .ci/gpu_check.sh selected-rest        # the other selected-attention tests (realistic sizes, opcheck, ...)
-#   bash .ci/gpu_check.sh ops-layer            # compressed, window, select_blocks, modules
+#   bash .ci/gpu_check.sh ops-layer            # compressed, window, select_blocks, windows, modules, bad cu_seqlens
 #   bash .ci/gpu_check.sh compile              # compile, CUDA graphs, CUDA launch-settings fit
+#   bash .ci/gpu_check.sh compile-grid         # compiled vs eager gradients over 12 layer configs (~25 s each)
 #   bash .ci/gpu_check.sh export               # export, AOTI, the Inductor kernel-list pins
 #
 # The whole selected-attention file ran past one 10-minute device call on an H100 (2026-11-26); so did
@@ -15,8 +16,8 @@
 # from the checkout (PYTHONPATH); expecttest comes from a carried wheel in .whl/ when it is not installed.
 set -uo pipefail
 case "${1:-}" in
-    selected-fsa | selected-nsa | selected-rest | ops-layer | compile | export) ;;
-    *) echo "usage: bash .ci/gpu_check.sh selected-fsa|selected-nsa|selected-rest|ops-layer|compile|export" >&2
+    selected-fsa | selected-nsa | selected-rest | ops-layer | compile | compile-grid | export) ;;
+    *) echo "usage: bash .ci/gpu_check.sh selected-fsa|selected-nsa|selected-rest|ops-layer|compile|compile-grid|export" >&2
        exit 2 ;;
 esac
 OUT=${OUT:-gpu_out}
@@ -39,7 +40,9 @@ case "${1:-}" in
     selected-nsa) run selected-nsa 560 tests/ops/test_selected_attention.py -k "matches_reference and nsa" ;;
     selected-rest) run selected-rest 560 tests/ops/test_selected_attention.py -k "not matches_reference" ;;
     ops-layer) run layer 560 tests/ops/test_compressed_attention.py tests/ops/test_sliding_window_attention.py \
-        tests/ops/test_select_blocks.py tests/test_modules.py ;;
-    compile) run compile 560 tests/test_compile.py ;;
+        tests/ops/test_select_blocks.py tests/ops/test_compression_windows.py tests/test_modules.py \
+        tests/test_malformed_cu_seqlens.py ;;
+    compile) run compile 560 tests/test_compile.py -k "not over_layer_configs" ;;
+    compile-grid) run compile-grid 560 tests/test_compile.py -k "over_layer_configs" ;;
     export) run export 560 tests/test_export.py tests/lowerings ;;
 esac
