@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 
 import fsa_compile.ops  # noqa: F401  (registers torch.ops.fsa.*)
-from fsa_compile.ops._validation import check_argument_types, check_cu_seqlens_values
+from fsa_compile.ops._validation import check_argument_types, check_cu_seqlens_tensor, check_cu_seqlens_values
 
 
 def check_cu_seqlens(cu_seqlens: Tensor, total: int) -> None:
@@ -23,11 +23,8 @@ def check_cu_seqlens(cu_seqlens: Tensor, total: int) -> None:
     holds (a bound outside ``[0, total]`` is clamped into it, a decreasing one makes its sequence empty), but the
     result of a malformed cu_seqlens is not meaningful.
     """
-    check_argument_types(tensors=(("cu_seqlens", cu_seqlens),), ints=(("total", total),))
-    if cu_seqlens.dtype != torch.int32:
-        raise TypeError(f"cu_seqlens must be int32, got {cu_seqlens.dtype}")
-    if cu_seqlens.dim() != 1 or cu_seqlens.shape[0] < 2:
-        raise ValueError(f"cu_seqlens must be 1-D [N+1] with N >= 1, got shape {tuple(cu_seqlens.shape)}")
+    check_argument_types(ints=(("total", total),))
+    check_cu_seqlens_tensor(cu_seqlens)
     check_cu_seqlens_values(cu_seqlens, total)
 
 

@@ -104,6 +104,16 @@ def check_qkv(q, k, v, k_name: str = "k", v_name: str = "v") -> None:
             raise ValueError(f"{name} head dim must be in [1, {MAX_HEAD_DIM}], got {dim}")
 
 
+def check_cu_seqlens_tensor(cu_seqlens) -> None:
+    """cu_seqlens is an int32 tensor [N+1], N >= 1."""
+    if not isinstance(cu_seqlens, torch.Tensor):
+        raise TypeError(f"cu_seqlens must be a torch.Tensor or None, got {type(cu_seqlens).__name__}")
+    if cu_seqlens.dtype != torch.int32:
+        raise TypeError(f"cu_seqlens must be int32, got {cu_seqlens.dtype}")
+    if cu_seqlens.dim() != 1 or cu_seqlens.shape[0] < 2:
+        raise ValueError(f"cu_seqlens must be 1-D [N+1] with N >= 1, got shape {tuple(cu_seqlens.shape)}")
+
+
 def check_cu_seqlens(cu_seqlens, q: torch.Tensor, num_keys: int) -> None:
     """cu_seqlens int32 [N+1] with B == 1 and as many keys as queries.
 
@@ -112,12 +122,7 @@ def check_cu_seqlens(cu_seqlens, q: torch.Tensor, num_keys: int) -> None:
     """
     if cu_seqlens is None:
         return
-    if not isinstance(cu_seqlens, torch.Tensor):
-        raise TypeError(f"cu_seqlens must be a torch.Tensor or None, got {type(cu_seqlens).__name__}")
-    if cu_seqlens.dtype != torch.int32:
-        raise TypeError(f"cu_seqlens must be int32, got {cu_seqlens.dtype}")
-    if cu_seqlens.dim() != 1 or cu_seqlens.shape[0] < 2:
-        raise ValueError(f"cu_seqlens must be 1-D [N+1] with N >= 1, got shape {tuple(cu_seqlens.shape)}")
+    check_cu_seqlens_tensor(cu_seqlens)
     check_device("cu_seqlens", cu_seqlens, q)
     if q.shape[0] != 1:
         raise ValueError(f"with cu_seqlens, q must be packed with B=1, got B={q.shape[0]}")
