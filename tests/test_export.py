@@ -2,6 +2,7 @@
 
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -20,18 +21,25 @@ def export_with_dynamic_length(layer, x):
     return torch.export.export(layer, (x,), dynamic_shapes={"x": {1: length}})
 
 
+def readme_lines(first: str, last: str) -> str:
+    """The README's lines from the one starting with ``first`` to the next one containing ``last``, dedented."""
+    lines = (Path(__file__).resolve().parents[1] / "README.md").read_text().splitlines()
+    start = next(i for i, line in enumerate(lines) if line.strip().startswith(first))
+    end = next(i for i in range(start, len(lines)) if last in lines[i])
+    return "\n".join(line.strip() for line in lines[start : end + 1])
+
+
 def test_readme_export_snippet_from_one_token():
-    """The README's layer and export call, with T from 1: lengths below kernel_size (no compressed key), at it,
-    and past a few blocks all run in one exported program, as in eager."""
+    """The README's layer and its export lines as written there, with T from 1: lengths below kernel_size (no
+    compressed key), at it, and past a few blocks all run in one exported program, as in eager."""
     import fsa_compile
 
-    layer = fsa_compile.FlashSparseAttention(
-        hidden_size=1024, num_heads=16, num_kv_heads=4, head_dim=64,
-        kernel_size=32, kernel_stride=16, block_size=64, topk=16, init_blocks=1, local_blocks=2, window_size=512,
-    ).to(DEVICE)
-    x = torch.randn(2, 200, 1024, device=DEVICE)
-    T = torch.export.Dim("T", min=1, max=65536)
-    program = torch.export.export(layer, (x,), dynamic_shapes={"x": {1: T}})
+    scope = {"torch": torch, "fsa_compile": fsa_compile}
+    exec(readme_lines("layer = fsa_compile.FlashSparseAttention(", ")"), scope)
+    layer = scope["layer"].to(DEVICE)
+    scope.update(layer=layer, x=torch.randn(2, 200, 1024, device=DEVICE))
+    exec(readme_lines("T = torch.export.Dim(", "torch.export.export("), scope)
+    program = scope["program"]
     for num_tokens in (1, 2, 31, 32, 47, 48, 333):
         x = torch.randn(2, num_tokens, 1024, device=DEVICE)
         torch.testing.assert_close(program.module()(x), layer(x))
