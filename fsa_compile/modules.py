@@ -83,7 +83,7 @@ class FlashSparseAttention(nn.Module):
     def project(self, x: Tensor, cu_seqlens: Tensor | None = None) -> dict[str, Tensor]:
         """The inputs of the three branches: q, k, v (after RoPE), k_cmp, v_cmp and gates [B, T, Hq, 3].
 
-        k_cmp and v_cmp have ``T // kernel_stride + 2`` rows, zero after the first Tc (see ``compress``)."""
+        k_cmp and v_cmp have Tc rows, or ``T // kernel_stride + 2`` (zero after the first Tc) for a symbolic T."""
         if x.dim() != 3 or x.shape[-1] != self.hidden_size:
             raise ValueError(f"x must be [B, T, hidden_size={self.hidden_size}], got shape {tuple(x.shape)}")
         batch, num_tokens, _ = x.shape
@@ -93,9 +93,9 @@ class FlashSparseAttention(nn.Module):
         gates = torch.sigmoid(self.gate_proj(x)).view(batch, num_tokens, self.num_heads, 3)
 
         ks, stride = self.kernel_size, self.kernel_stride
-        # T // stride + 2 compressed rows (zeros past Tc), not Tc: no shape branches on T >= kernel_size, so the
-        # layer exports with a dynamic T from 1.
-        rows = max_compressed_rows(num_tokens, stride)
+        # A symbolic T (torch.export, dynamic=True) gets T // stride + 2 compressed rows, zero past Tc: Tc itself
+        # would branch on T >= kernel_size, and export could not cover T from 1. A concrete T gets Tc.
+        rows = max_compressed_rows(num_tokens, stride) if isinstance(num_tokens, torch.SymInt) else None
         k_cmp = compress(k, self.compress_key, self.compress_key_pos, ks, stride, cu_seqlens, rows)
         v_cmp = compress(v, self.compress_value, self.compress_value_pos, ks, stride, cu_seqlens, rows)
 

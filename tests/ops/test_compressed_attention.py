@@ -8,7 +8,7 @@ from fsa_compile import reference
 from fsa_compile.ops.compressed_attention import compressed_attention, compressed_attention_backward
 from tests._testing import (
     ATTENTION_PATHS, DEVICE, SMALL_CASES, attention_path, case_params, check_attention, check_on_query_suffix,
-    make_qkv,
+    make_cu_seqlens, make_qkv,
 )
 
 
@@ -121,3 +121,33 @@ def test_backward_splits_the_tokens_of_a_key_tile_into_chunks(monkeypatch, case)
             out, lambda q, k, v: reference.compressed_attention(q, k, v, 8, 4, None, cu, seqlen_k),
             (q, k_cmp, v_cmp), torch.float32,
         )
+
+
+@pytest.mark.parametrize("num_keys,lengths", [(70, None), (5, None), (90, (40, 0, 50))], ids=["T70", "T5", "varlen"])
+def test_rows_past_tc_are_ignored(num_keys, lengths, path):
+    """k_cmp may carry up to Tk // kernel_stride + 2 rows (what the layer passes for a symbolic T): the rows past
+    Tc change nothing, in compressed attention and in select_blocks, and get zero gradient."""
+    from fsa_compile.ops.select_blocks import select_blocks
+
+    kernel_size, kernel_stride = 16, 8
+    cu = None if lengths is None else make_cu_seqlens(lengths)
+    num_cmp = max(0, (num_keys - kernel_size) // kernel_stride + 1)
+    extra = num_keys // kernel_stride + 2 - num_cmp
+    q, k_cmp, v_cmp = make_qkv(1, num_keys, num_cmp, 4, 2, 16)
+    junk = 5 * torch.randn(1, extra, 2, 16, device=DEVICE)  # never read: any values
+    padded = [torch.cat([x.detach(), junk], 1).requires_grad_() for x in (k_cmp, v_cmp)]
+    outputs = [fsa_compile.compressed_attention(q, kc, vc, kernel_size, kernel_stride, cu_seqlens=cu)
+               for kc, vc in ((k_cmp, v_cmp), padded)]
+    for want, got in zip(*outputs):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+    do = torch.randn_like(outputs[0][0])
+    exact = torch.autograd.grad(outputs[0][0], (k_cmp, v_cmp), do)
+    with_padding = torch.autograd.grad(outputs[1][0], padded, do)
+    for want, got in zip(exact, with_padding):
+        torch.testing.assert_close(got[:, :num_cmp], want, rtol=0, atol=0)
+        assert (got[:, num_cmp:] == 0).all()
+    with select_blocks.set_kernel_enabled("cpu", path == "torch"):
+        lse = outputs[0][1].detach()
+        chosen = [fsa_compile.select_blocks(q, kc, lse, kernel_size, kernel_stride, 8, 3, cu_seqlens=cu)
+                  for kc in (k_cmp, padded[0])]
+    torch.testing.assert_close(chosen[1], chosen[0], rtol=0, atol=0)
