@@ -123,13 +123,14 @@ def sliding_window_attention(
 def nsa_attention(
     q: Tensor, k: Tensor, v: Tensor, k_cmp: Tensor, v_cmp: Tensor, gates: Tensor, *,
     kernel_size: int, kernel_stride: int, block_size: int, topk: int, init_blocks: int, local_blocks: int,
-    window_size: int, scale: float | None = None, cu_seqlens: Tensor | None = None,
+    window_size: int, scale: float | None = None, cu_seqlens: Tensor | None = None, impl: str = "auto",
 ) -> Tensor:
     """The three NSA branches combined: ``g_cmp * o_cmp + g_slc * o_slc + g_win * o_win``.
 
     Args:
         q: [B, T, Hq, D]; k, v: [B, T, Hkv, D] (after RoPE); k_cmp, v_cmp: [B, Tc, Hkv, D] (from ``compress``).
         gates: [B, T, Hq, 3] branch weights (already through the sigmoid), ordered (cmp, slc, win).
+        impl: the selected-attention kernel (``selected_attention``'s ``impl``). Default: ``"auto"``.
     Returns:
         [B, T, Hq, Dv] in q's dtype.
     """
@@ -138,7 +139,7 @@ def nsa_attention(
         q, k_cmp, lse_cmp, kernel_size, kernel_stride, block_size, topk, init_blocks, local_blocks, scale,
         cu_seqlens,
     )
-    o_slc, _ = selected_attention(q, k, v, indices, block_size, scale, cu_seqlens)
+    o_slc, _ = selected_attention(q, k, v, indices, block_size, scale, cu_seqlens, impl)
     o_win, _ = sliding_window_attention(q, k, v, window_size, scale, cu_seqlens)
     gates = gates.to(o_cmp.dtype)
     return gates[..., 0:1] * o_cmp + gates[..., 1:2] * o_slc + gates[..., 2:3] * o_win

@@ -8,6 +8,7 @@ from torch import Tensor, nn
 from fsa_compile.compression import compress, compressed_layout, rotary_embedding, token_positions
 from fsa_compile.functional import nsa_attention
 from fsa_compile.ops._validation import max_compressed_rows
+from fsa_compile.ops.selected_attention import IMPLS as SELECTED_IMPLS
 
 
 class FlashSparseAttention(nn.Module):
@@ -26,6 +27,8 @@ class FlashSparseAttention(nn.Module):
         init_blocks, local_blocks: always-selected leading / local blocks. Default: 1, 2.
         window_size: sliding window. Default: 512.
         rope_theta: RoPE base. Default: 10000.
+        impl: the selected-attention kernel on CUDA, ``"auto"``, ``"fsa"`` or ``"nsa"`` (see
+            ``fsa_compile.selected_attention``). Default: ``"auto"``.
     Shapes:
         forward(x [B, T, hidden_size], cu_seqlens: int32 [N+1] or None) -> [B, T, hidden_size];
         with cu_seqlens, x is packed as [1, total, hidden_size].
@@ -34,7 +37,8 @@ class FlashSparseAttention(nn.Module):
     def __init__(
         self, hidden_size: int, num_heads: int, num_kv_heads: int, head_dim: int, kernel_size: int = 32,
         kernel_stride: int = 16, block_size: int = 64, topk: int = 16, init_blocks: int = 1,
-        local_blocks: int = 2, window_size: int = 512, rope_theta: float = 10000.0, device=None, dtype=None,
+        local_blocks: int = 2, window_size: int = 512, rope_theta: float = 10000.0, impl: str = "auto",
+        device=None, dtype=None,
     ):
         super().__init__()
         if num_kv_heads <= 0 or num_heads % num_kv_heads != 0:
@@ -45,12 +49,14 @@ class FlashSparseAttention(nn.Module):
             raise ValueError(f"init_blocks + local_blocks must be <= topk, got {init_blocks} + {local_blocks} > {topk}")
         if not 0 < kernel_stride <= kernel_size:
             raise ValueError(f"need 0 < kernel_stride <= kernel_size, got {kernel_stride} and {kernel_size}")
+        if impl not in SELECTED_IMPLS:
+            raise ValueError(f"impl must be one of {SELECTED_IMPLS}, got {impl!r}")
         factory = {"device": device, "dtype": dtype}
         self.hidden_size, self.num_heads, self.num_kv_heads, self.head_dim = hidden_size, num_heads, num_kv_heads, head_dim
         self.kernel_size, self.kernel_stride = kernel_size, kernel_stride
         self.block_size, self.topk = block_size, topk
         self.init_blocks, self.local_blocks, self.window_size = init_blocks, local_blocks, window_size
-        self.rope_theta = rope_theta
+        self.rope_theta, self.impl = rope_theta, impl
         self.q_proj = nn.Linear(hidden_size, num_heads * head_dim, bias=False, **factory)
         self.k_proj = nn.Linear(hidden_size, num_kv_heads * head_dim, bias=False, **factory)
         self.v_proj = nn.Linear(hidden_size, num_kv_heads * head_dim, bias=False, **factory)
@@ -77,7 +83,7 @@ class FlashSparseAttention(nn.Module):
         return (
             f"hidden_size={self.hidden_size}, num_heads={self.num_heads}, num_kv_heads={self.num_kv_heads}, "
             f"head_dim={self.head_dim}, kernel_size={self.kernel_size}, kernel_stride={self.kernel_stride}, "
-            f"block_size={self.block_size}, topk={self.topk}, window_size={self.window_size}"
+            f"block_size={self.block_size}, topk={self.topk}, window_size={self.window_size}, impl={self.impl!r}"
         )
 
     def project(self, x: Tensor, cu_seqlens: Tensor | None = None) -> dict[str, Tensor]:
@@ -111,6 +117,6 @@ class FlashSparseAttention(nn.Module):
         o = nsa_attention(
             **branches, kernel_size=self.kernel_size, kernel_stride=self.kernel_stride, block_size=self.block_size,
             topk=self.topk, init_blocks=self.init_blocks, local_blocks=self.local_blocks,
-            window_size=self.window_size, cu_seqlens=cu_seqlens,
+            window_size=self.window_size, cu_seqlens=cu_seqlens, impl=self.impl,
         )
         return self.o_proj(o.flatten(2))

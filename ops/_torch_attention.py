@@ -55,9 +55,23 @@ def sequence_segments(batch: int, num_queries: int, num_keys: int, bounds: list[
 SelectKeys = Callable[[Segment, range], "tuple[slice | torch.Tensor, torch.Tensor]"]
 
 
+def _scores(a, keys):
+    """a [C, Hkv, G, D] @ keys^T -> [C, Hkv, G, S], keys [C or 1, Hkv, S, D]."""
+    if keys.shape[0] == 1:  # a shared span: one matmul per head, not the span copied C times by broadcasting
+        return torch.einsum("chgd,hsd->chgs", a, keys[0])
+    return torch.matmul(a, keys.transpose(-1, -2))
+
+
+def _weighted(p, values):
+    """p [C, Hkv, G, S] @ values -> [C, Hkv, G, Dv], values [C or 1, Hkv, S, Dv]."""
+    if values.shape[0] == 1:
+        return torch.einsum("chgs,hsd->chgd", p, values[0])
+    return torch.matmul(p, values)
+
+
 def _probabilities(q, k, mask, scale, lse=None):
     acc = accumulation_dtype(q.dtype)
-    scores = torch.matmul(q.to(acc), k.to(acc).transpose(-1, -2)) * scale
+    scores = _scores(q.to(acc), k.to(acc)) * scale
     scores = scores.masked_fill(~mask, float("-inf"))
     if lse is None:
         lse = torch.logsumexp(scores, dim=-1)
@@ -94,7 +108,7 @@ def attention_forward(q, k, v, scale: float, segments, select_keys: SelectKeys, 
             qc = q[b, start:end].reshape(end - start, hkv, hq // hkv, d)
             kc, vc = _gather_keys(k, b, segment, rows), _gather_keys(v, b, segment, rows)
             probs, lse_c = _probabilities(qc, kc, mask, scale)
-            o[b, start:end] = torch.matmul(probs, vc.to(probs.dtype)).reshape(end - start, hq, -1).to(q.dtype)
+            o[b, start:end] = _weighted(probs, vc.to(probs.dtype)).reshape(end - start, hq, -1).to(q.dtype)
             lse[b, start:end] = lse_c.reshape(end - start, hq).to(lse.dtype)
     return o, lse
 
@@ -122,14 +136,17 @@ def attention_backward(do, dlse, q, k, v, o, lse, scale: float, segments, select
             delta = (doc * o[b, start:end].reshape(n, hkv, group, -1).to(acc)).sum(-1, keepdim=True)
             if dlse is not None:
                 delta = delta - dlse[b, start:end].reshape(n, hkv, group, 1).to(acc)
-            ds = probs * (torch.matmul(doc, vc.transpose(-1, -2)) - delta)  # [C, Hkv, G, S]
-            dq[b, start:end] = (torch.matmul(ds, kc) * scale).reshape(n, hq, d)
+            ds = probs * (_scores(doc, vc) - delta)  # [C, Hkv, G, S]
+            dq[b, start:end] = (_weighted(ds, kc) * scale).reshape(n, hq, d)
             if isinstance(rows, slice):
                 keys = slice(segment.key_start + rows.start, segment.key_start + rows.stop)
                 dk[b, keys] += torch.einsum("chgs,chgd->shd", ds, qc) * scale
                 dv[b, keys] += torch.einsum("chgs,chgd->shd", probs, doc)
             else:
-                index = (segment.key_start + rows, heads)
-                dk[b].index_put_(index, torch.einsum("chgs,chgd->chsd", ds, qc) * scale, accumulate=True)
-                dv[b].index_put_(index, torch.einsum("chgs,chgd->chsd", probs, doc), accumulate=True)
+                # index_add_ on flat (key, head) rows: CPU index_put_(accumulate=True) is several times slower.
+                index = ((segment.key_start + rows) * hkv + heads).flatten()
+                dk_rows = torch.einsum("chgs,chgd->chsd", ds, qc).flatten(0, 2) * scale
+                dv_rows = torch.einsum("chgs,chgd->chsd", probs, doc).flatten(0, 2)
+                dk[b].view(-1, d).index_add_(0, index, dk_rows)
+                dv[b].view(-1, dv.shape[-1]).index_add_(0, index, dv_rows)
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)

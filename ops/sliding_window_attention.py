@@ -32,7 +32,9 @@ def _plan(q, k, window_size, cu_seqlens):
     """Segments and the key selector of the CPU kernel."""
     bounds = None if cu_seqlens is None else check.check_cu_seqlens_values(cu_seqlens, q.shape[1])
     segments = torch_attention.sequence_segments(q.shape[0], q.shape[1], k.shape[1], bounds)
-    chunk = torch_attention.chunk_size(q.shape[2] * (min(window_size, k.shape[1]) + 256), cap=256)
+    # A chunk of C queries reads C + window - 1 keys: chunks about as long as the window waste little work.
+    cap = max(64, min(window_size, 256))
+    chunk = torch_attention.chunk_size(q.shape[2] * (min(window_size, k.shape[1]) + cap), cap=cap)
 
     def select_keys(segment, positions):
         lo, hi = max(0, positions.start - window_size + 1), positions.stop
