@@ -8,6 +8,7 @@
 #   bash .ci/gpu_check.sh compile              # compile, CUDA graphs, CUDA launch-settings fit
 #   bash .ci/gpu_check.sh compile-grid         # compiled vs eager gradients over 12 layer configs (~25 s each)
 #   bash .ci/gpu_check.sh export               # export, AOTI, the Inductor kernel-list pins
+#   bash .ci/gpu_check.sh models               # the decoder (compiled vs eager), train.py, the README's snippets
 #
 # The whole selected-attention file ran past one 10-minute device call on an H100 (2026-11-26); so did
 # compile + export together. The split is by test name; the pieces' times are not measured yet.
@@ -16,8 +17,8 @@
 # from the checkout (PYTHONPATH); expecttest comes from a carried wheel in .whl/ when it is not installed.
 set -uo pipefail
 case "${1:-}" in
-    selected-fsa | selected-nsa | selected-rest | ops-layer | compile | compile-grid | export) ;;
-    *) echo "usage: bash .ci/gpu_check.sh selected-fsa|selected-nsa|selected-rest|ops-layer|compile|compile-grid|export" >&2
+    selected-fsa | selected-nsa | selected-rest | ops-layer | compile | compile-grid | export | models) ;;
+    *) echo "usage: bash .ci/gpu_check.sh selected-fsa|selected-nsa|selected-rest|ops-layer|compile|compile-grid|export|models" >&2
        exit 2 ;;
 esac
 OUT=${OUT:-gpu_out}
@@ -45,4 +46,5 @@ case "${1:-}" in
     compile) run compile 560 tests/test_compile.py -k "not over_layer_configs" ;;
     compile-grid) run compile-grid 560 tests/test_compile.py -k "over_layer_configs" ;;
     export) run export 560 tests/test_export.py tests/lowerings ;;
+    models) run models 560 tests/models tests/test_train.py tests/test_readme.py ;;
 esac

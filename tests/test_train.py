@@ -15,6 +15,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 _spec = importlib.util.spec_from_file_location("train_example", ROOT / "examples" / "train.py")
 train = importlib.util.module_from_spec(_spec)
+sys.modules[_spec.name] = train  # dataclasses look their module up there
 _spec.loader.exec_module(train)
 
 # A model and task small enough for a few CPU steps per second.
@@ -47,7 +48,7 @@ def test_task_is_deterministic_and_well_formed():
     "flags,message",
     [
         (["--heads", "4", "--kv-heads", "3"], "--kv-heads=3 does not divide --heads=4"),
-        (["--seq-len", "20"], "--seq-len=20 is below the task's minimum"),
+        (["--seq-len", "16", "--batch-tokens", "32"], "--seq-len=16 is below the task's minimum"),
         (["--batch-tokens", "100"], "--batch-tokens=100 must be a multiple of --seq-len"),
         (["--queries", "9", "--pairs", "8"], "--queries=9 must be <= --pairs=8"),
         (["--topk", "2", "--init-blocks", "1", "--local-blocks", "2"], "--init-blocks \\+ --local-blocks"),
