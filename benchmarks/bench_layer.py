@@ -21,12 +21,10 @@ import sys
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
-from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import fsa_compile  # noqa: E402
-from fsa_compile.compression import rotary_embedding, token_positions  # noqa: E402
+from fsa_compile.models import FullCausalAttention  # noqa: E402
 from _harness import cuda_time_ms, device_meta, peak_memory_mb, write_json  # noqa: E402
 
 try:
@@ -36,26 +34,11 @@ except ImportError:  # tqdm is in the [bench] extra
         return iterable
 
 
-class DenseCausalLayer(nn.Module):
-    """The NSA layer's projections and RoPE around full causal SDPA (no compression, gates or selection)."""
-
-    def __init__(self, layer: fsa_compile.FlashSparseAttention):
-        super().__init__()
-        self.layer = layer
-
-    def forward(self, x):
-        layer = self.layer
-        batch, num_tokens, _ = x.shape
-        q = layer.q_proj(x).view(batch, num_tokens, layer.num_heads, layer.head_dim)
-        k = layer.k_proj(x).view(batch, num_tokens, layer.num_kv_heads, layer.head_dim)
-        v = layer.v_proj(x).view(batch, num_tokens, layer.num_kv_heads, layer.head_dim)
-        positions = token_positions(None, num_tokens, x.device)
-        q = rotary_embedding(q, positions, layer.rope_theta)
-        k = rotary_embedding(k, positions, layer.rope_theta)
-        o = F.scaled_dot_product_attention(
-            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True, enable_gqa=True
-        )
-        return layer.o_proj(o.transpose(1, 2).flatten(2))
+def dense_causal_layer(layer: fsa_compile.FlashSparseAttention) -> FullCausalAttention:
+    """The NSA layer's own q/k/v/o projections and RoPE around full causal SDPA (no compression, gates, selection)."""
+    dense = FullCausalAttention(layer.hidden_size, layer.num_heads, layer.num_kv_heads, layer.head_dim, layer.rope_theta)
+    dense.q_proj, dense.k_proj, dense.v_proj, dense.o_proj = layer.q_proj, layer.k_proj, layer.v_proj, layer.o_proj
+    return dense
 
 
 def forward_backward(model, x, grad):
@@ -120,7 +103,7 @@ def run_config(seqlen, group, compile_it, args):
     layer = fsa_compile.FlashSparseAttention(hq * d, hq, hkv, d, device="cuda", dtype=torch.bfloat16)
     x = torch.randn(1, seqlen, hq * d, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     grad = torch.randn_like(x)
-    dense = DenseCausalLayer(layer)
+    dense = dense_causal_layer(layer)
     row = dict(seqlen=seqlen, group=group, hq=hq, hkv=hkv, head_dim=d)
     for name, model in (("nsa", layer), ("sdpa", dense)):
         row[f"{name} fwd"] = cuda_time_ms(forward_only(model, x))
