@@ -244,11 +244,14 @@ def parallelize(model: Transformer, runtime: Runtime, fsdp: bool, compile_blocks
     if not runtime.distributed:
         return model
     if fsdp:
+        from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import fully_shard
 
+        # An explicit mesh: fully_shard's default one is on the accelerator, even for --device cpu on a GPU host.
+        mesh = init_device_mesh(runtime.device.type, (runtime.world_size,))
         for block in model.layers:
-            fully_shard(block)
-        fully_shard(model)
+            fully_shard(block, mesh=mesh)
+        fully_shard(model, mesh=mesh)
         return model
     from torch.nn.parallel import DistributedDataParallel
 
