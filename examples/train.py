@@ -30,6 +30,7 @@ import math
 import os
 import sys
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -279,8 +280,10 @@ def save_checkpoint(out: Path, step: int, model, optimizer, scheduler, history, 
 
     path = out / "checkpoints" / f"step_{step:07d}"
     model_state, optimizer_state = get_state_dict(model, optimizer)
-    dcp.save({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=str(path),
-             no_dist=not runtime.distributed)
+    with warnings.catch_warnings():  # one process: dcp says it assumes so, every time
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp.save({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=str(path),
+                 no_dist=not runtime.distributed)
     extra = {
         "step": step, "scheduler": scheduler.state_dict(), "history": history, "args": vars(args),
         "rng_cpu": torch.get_rng_state(),
@@ -300,7 +303,9 @@ def load_checkpoint(path: Path, model, optimizer, scheduler, runtime: Runtime) -
 
     model_state, optimizer_state = get_state_dict(model, optimizer)
     state = {"model": model_state, "optimizer": optimizer_state}
-    dcp.load(state, checkpoint_id=str(path), no_dist=not runtime.distributed)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp.load(state, checkpoint_id=str(path), no_dist=not runtime.distributed)
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
     extra = torch.load(path / f"extra_rank{runtime.rank}.pt", weights_only=False)
     scheduler.load_state_dict(extra["scheduler"])
@@ -413,8 +418,9 @@ def train(args, runtime: Runtime) -> dict:
         print(f"model: {core.num_parameters() / 1e6:.2f}M parameters, attention={args.attention}, impl={args.impl}, "
               f"{args.layers} layers, hidden {args.hidden}, heads {args.heads}/{args.kv_heads}; device {device}, "
               f"world size {runtime.world_size}{', FSDP2' if args.fsdp else ''}, compile={compile_blocks}")
-        print(f"task: seq_len {args.seq_len}, {args.pairs} pairs, {args.queries} queries; chance {task.chance:.4f}, "
-              f"copying a context value without matching its key {task.copy_baseline:.3f}")
+        copying = f", copying a context value without matching its key {task.copy_baseline:.3f}" if args.pairs > 1 else ""
+        print(f"task: seq_len {args.seq_len}, {args.pairs} pairs, {args.queries} queries; chance {task.chance:.4f}"
+              f"{copying}")
 
     global_batch = args.batch_tokens // args.seq_len
     per_rank = global_batch // runtime.world_size
