@@ -286,6 +286,7 @@ def save_checkpoint(out: Path, step: int, model, optimizer, scheduler, history, 
                  no_dist=not runtime.distributed)
     extra = {
         "step": step, "scheduler": scheduler.state_dict(), "history": history, "args": vars(args),
+        "next_sample": step * (args.batch_tokens // args.seq_len),  # data position: step s reads samples from s * batch
         "rng_cpu": torch.get_rng_state(),
         "rng_cuda": torch.cuda.get_rng_state(runtime.device) if runtime.device.type == "cuda" else None,
     }
@@ -297,17 +298,32 @@ def save_checkpoint(out: Path, step: int, model, optimizer, scheduler, history, 
     return path
 
 
-def load_checkpoint(path: Path, model, optimizer, scheduler, runtime: Runtime) -> tuple[int, dict]:
+# Flags a resumed run must share with its checkpoint: they fix the model's shapes and which samples each step reads.
+RESUME_MUST_MATCH = ("seed", "batch_tokens", "seq_len", "pairs", "queries", "keys", "values", "attention", "layers",
+                     "hidden", "heads", "kv_heads", "head_dim", "kernel_size", "kernel_stride", "block_size", "topk",
+                     "init_blocks", "local_blocks", "window")
+
+
+def load_checkpoint(path: Path, model, optimizer, scheduler, args, runtime: Runtime) -> tuple[int, dict]:
+    """Restore everything ``save_checkpoint`` wrote; -> (step, history). Raises ValueError when a flag in
+    ``RESUME_MUST_MATCH`` differs from the checkpoint's."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
+    extra_path = path / f"extra_rank{runtime.rank}.pt"
+    if not extra_path.exists():  # more ranks than the run that saved it: RNG states of rank 0
+        extra_path = path / "extra_rank0.pt"
+    extra = torch.load(extra_path, weights_only=False)
+    for name in RESUME_MUST_MATCH:
+        if extra["args"][name] != getattr(args, name):
+            raise ValueError(f"--resume: --{name.replace('_', '-')}={getattr(args, name)} differs from the "
+                             f"checkpoint's {extra['args'][name]} ({path})")
     model_state, optimizer_state = get_state_dict(model, optimizer)
     state = {"model": model_state, "optimizer": optimizer_state}
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="torch.distributed is disabled")
         dcp.load(state, checkpoint_id=str(path), no_dist=not runtime.distributed)
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
-    extra = torch.load(path / f"extra_rank{runtime.rank}.pt", weights_only=False)
     scheduler.load_state_dict(extra["scheduler"])
     torch.set_rng_state(extra["rng_cpu"])
     if extra["rng_cuda"] is not None and runtime.device.type == "cuda":
@@ -409,9 +425,11 @@ def train(args, runtime: Runtime) -> dict:
         latest = _latest_checkpoint(out)
         if latest is None:
             raise FileNotFoundError(f"--resume: no complete checkpoint under {out / 'checkpoints'}")
-        step, history = load_checkpoint(latest, model, optimizer, scheduler, runtime)
+        step, history = load_checkpoint(latest, model, optimizer, scheduler, args, runtime)
         if runtime.main:
             print(f"resumed from {latest} at step {step}")
+    if args.fsdp and not runtime.distributed and runtime.main:
+        print("--fsdp: not started by torchrun, so one process without sharding")
     if runtime.main:
         out.mkdir(parents=True, exist_ok=True)
         core = model.module if hasattr(model, "module") else model

@@ -69,6 +69,14 @@ def test_resume_without_checkpoint_is_an_error(tmp_path):
         train.main([*TINY, "--out", str(tmp_path), "--steps", "2", "--resume"])
 
 
+def test_resume_with_other_data_or_model_flags_is_an_error(tmp_path):
+    train.main([*TINY, "--out", str(tmp_path), "--steps", "2"])
+    with pytest.raises(ValueError, match="--batch-tokens=192 differs from the checkpoint's 384"):
+        train.main([*TINY, "--out", str(tmp_path), "--steps", "4", "--resume", "--batch-tokens", "192"])
+    with pytest.raises(ValueError, match="--hidden=64 differs"):
+        train.main([*TINY, "--out", str(tmp_path), "--steps", "4", "--resume", "--hidden", "64"])
+
+
 @pytest.mark.parametrize("extra", [[], ["--packed", "--decay-steps", "8"]], ids=["batched", "packed-decay"])
 def test_resume_is_bitwise_equal_to_one_run(tmp_path, extra):
     """4 steps, then --resume --steps 8, gives the losses of 8 steps in one go, bitwise (CPU)."""
