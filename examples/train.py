@@ -505,7 +505,10 @@ def main(argv=None) -> dict:
         build_parser().error(str(error))
     runtime = start_runtime(args.device)
     try:
-        return train(args, runtime)
+        metrics = train(args, runtime)
+        if dist.is_initialized():
+            dist.barrier()  # rank 0 may still be writing metrics: leave the group together
+        return metrics
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
