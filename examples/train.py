@@ -370,10 +370,13 @@ def loss_and_accuracy(model, tokens, targets, packed: bool, autocast) -> tuple[t
 
 @torch.no_grad()
 def evaluate(model, task: RetrievalTask, args, runtime: Runtime, autocast) -> float:
-    """Retrieval accuracy (greedy, at every query key) on held-out samples, split over ranks."""
+    """Retrieval accuracy (greedy, at every query key) on held-out samples, split over ranks.
+
+    Every rank runs the same number of samples (``eval_samples`` rounded up to a multiple of the world size), so
+    that FSDP2's collectives line up."""
     model.eval()
     per_rank = math.ceil(args.eval_samples / runtime.world_size)
-    indices = range(runtime.rank * per_rank, min(args.eval_samples, (runtime.rank + 1) * per_rank))
+    indices = range(runtime.rank * per_rank, (runtime.rank + 1) * per_rank)
     batch = max(1, args.batch_tokens // args.seq_len // runtime.world_size)
     correct = torch.zeros(2, dtype=torch.float64, device=runtime.device)  # (right, asked)
     for start in range(indices.start, indices.stop, batch):
