@@ -273,6 +273,14 @@ def _latest_checkpoint(out: Path) -> Path | None:
     return complete[-1] if complete else None
 
 
+@contextlib.contextmanager
+def _quiet_single_process_dcp():
+    """In one process dcp.save/load warn on every call that they assume one process; that is the intent here."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        yield
+
+
 def save_checkpoint(out: Path, step: int, model, optimizer, scheduler, history, args, runtime: Runtime) -> Path:
     """Model and optimizer as a distributed checkpoint (sharded under FSDP2), the rest per rank."""
     import torch.distributed.checkpoint as dcp
@@ -280,8 +288,7 @@ def save_checkpoint(out: Path, step: int, model, optimizer, scheduler, history, 
 
     path = out / "checkpoints" / f"step_{step:07d}"
     model_state, optimizer_state = get_state_dict(model, optimizer)
-    with warnings.catch_warnings():  # one process: dcp says it assumes so, every time
-        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+    with _quiet_single_process_dcp():
         dcp.save({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=str(path),
                  no_dist=not runtime.distributed)
     extra = {
@@ -320,8 +327,7 @@ def load_checkpoint(path: Path, model, optimizer, scheduler, args, runtime: Runt
                              f"checkpoint's {extra['args'][name]} ({path})")
     model_state, optimizer_state = get_state_dict(model, optimizer)
     state = {"model": model_state, "optimizer": optimizer_state}
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+    with _quiet_single_process_dcp():
         dcp.load(state, checkpoint_id=str(path), no_dist=not runtime.distributed)
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
     scheduler.load_state_dict(extra["scheduler"])
