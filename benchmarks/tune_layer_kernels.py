@@ -3,10 +3,10 @@
     python benchmarks/tune_layer_kernels.py --seqlens 65536 --groups 1 4
 
 bf16, Hkv = 4, D = 128, the layer's defaults (kernel 32/16, block 64, top-16, window 512). Prints ms per
-setting; the winners go into ``FORWARD_SETTINGS`` / ``DQ_SETTINGS`` / ``DKDV_SETTINGS`` and
-``DKDV_MAX_CHUNKS`` / ``DKDV_CHUNK_TOKENS`` (``ops/_masked_attention.py``) and ``SELECT_LAUNCH``
-(``ops/select_blocks.py``). The backward is timed whole while one of its two kernels sweeps and the other keeps
-its tuned setting.
+setting (tried through ``fsa_compile.ops._settings.override``); the winners go into ``ops/_settings.py``
+(``masked_fwd``, ``masked_bwd_dq``, ``masked_bwd_dkdv``, ``masked_dkdv_max_chunks``, ``masked_dkdv_chunk_tokens``,
+``select_blocks``). The backward is timed whole while one of its two kernels sweeps and the other keeps its tuned
+setting.
 """
 
 from __future__ import annotations
@@ -21,10 +21,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import fsa_compile  # noqa: E402
 from _harness import cuda_time_ms, device_meta  # noqa: E402
+from fsa_compile.ops._settings import override  # noqa: E402
 
-masked = sys.modules["fsa_compile.ops._masked_attention"]
-select = sys.modules["fsa_compile.ops.select_blocks"]
-launch = sys.modules["fsa_compile.ops._launch"]
+TILE = ("BLOCK_M", "BLOCK_N", "num_warps", "num_stages")
 
 FORWARD = [(128, 64, 8, 2), (128, 64, 4, 2), (64, 64, 4, 2), (128, 128, 8, 2), (64, 32, 4, 3), (128, 32, 4, 3)]
 # (BLOCK_M, BLOCK_N, num_warps, num_stages). dq: BLOCK_M rows per program, BLOCK_N keys per step. dk/dv:
@@ -33,7 +32,7 @@ DQ = [(64, 64, 4, 2), (128, 32, 4, 2), (128, 64, 8, 2), (128, 32, 8, 3), (64, 32
       (64, 64, 4, 3)]
 DKDV = [(64, 64, 4, 2), (32, 128, 4, 2), (32, 128, 8, 2), (64, 128, 8, 2), (32, 64, 4, 3), (16, 128, 4, 2),
         (64, 128, 4, 2), (64, 64, 4, 3)]
-# (DKDV_MAX_CHUNKS, DKDV_CHUNK_TOKENS): how the dk/dv kernel splits the tokens of a key tile.
+# (masked_dkdv_max_chunks, masked_dkdv_chunk_tokens): how the dk/dv kernel splits the tokens of a key tile.
 CHUNKS = [(1, 4096), (4, 4096), (8, 4096), (16, 2048), (8, 2048), (32, 1024)]
 SELECT = [(64, 4, 2), (32, 4, 2), (128, 4, 2), (64, 8, 2), (128, 8, 2), (64, 4, 1), (16, 4, 2)]
 
@@ -67,38 +66,30 @@ def main():
         for name, op in ops.items():
             o, lse = op()
             do = torch.randn_like(o)
-            tuned_forward = masked.FORWARD_SETTINGS
             for setting in FORWARD if "fwd" in args.sweeps else ():
-                masked.FORWARD_SETTINGS = (dict(zip(("BLOCK_M", "BLOCK_N", "num_warps", "num_stages"), setting)),)
-                launch._FITTING_SETTINGS.clear()
-                with torch.no_grad():
+                with override("masked_fwd", (dict(zip(TILE, setting)),)), torch.no_grad():
                     print(f"T={T} G={group} {name:10s} fwd {setting}: {timed(op)} ms")
-            masked.FORWARD_SETTINGS = tuned_forward
             inputs = (q, k_cmp, v_cmp) if name == "compressed" else (q, k, v)
-            for kernel, sweep in (("DQ_SETTINGS", DQ), ("DKDV_SETTINGS", DKDV)) if "bwd" in args.sweeps else ():
-                tuned = getattr(masked, kernel)
+            for kernel, sweep in (("masked_bwd_dq", DQ), ("masked_bwd_dkdv", DKDV)) if "bwd" in args.sweeps else ():
                 for setting in sweep:
-                    setattr(masked, kernel, (dict(zip(("BLOCK_M", "BLOCK_N", "num_warps", "num_stages"), setting)),))
-                    launch._FITTING_SETTINGS.clear()
-                    print(f"T={T} G={group} {name:10s} bwd {kernel[:-9].lower():4s} {setting}: "
+                    with override(kernel, (dict(zip(TILE, setting)),)):
+                        print(f"T={T} G={group} {name:10s} bwd {kernel[11:]:4s} {setting}: "
+                              f"{timed(lambda: torch.autograd.grad(o, inputs, do, retain_graph=True))} ms")
+            for most, tokens in CHUNKS if "chunks" in args.sweeps else ():
+                with override("masked_dkdv_max_chunks", most), override("masked_dkdv_chunk_tokens", tokens):
+                    print(f"T={T} G={group} {name:10s} bwd chunks {(most, tokens)}: "
                           f"{timed(lambda: torch.autograd.grad(o, inputs, do, retain_graph=True))} ms")
-                setattr(masked, kernel, tuned)
-            tuned = masked.DKDV_MAX_CHUNKS, masked.DKDV_CHUNK_TOKENS
-            for setting in CHUNKS if "chunks" in args.sweeps else ():
-                masked.DKDV_MAX_CHUNKS, masked.DKDV_CHUNK_TOKENS = setting
-                print(f"T={T} G={group} {name:10s} bwd chunks {setting}: "
-                      f"{timed(lambda: torch.autograd.grad(o, inputs, do, retain_graph=True))} ms")
-            masked.DKDV_MAX_CHUNKS, masked.DKDV_CHUNK_TOKENS = tuned
         with torch.no_grad():
             _, lse = fsa_compile.compressed_attention(q, k_cmp, v_cmp, 32, 16)
             first = None
             for setting in SELECT if "select" in args.sweeps else ():
-                select.SELECT_LAUNCH = dict(zip(("rows", "num_warps", "num_stages"), setting))
-                run = lambda: fsa_compile.select_blocks(q, k_cmp, lse, 32, 16, 64, 16, 1, 2)  # noqa: E731
-                indices = run()
-                first = indices if first is None else first
-                differ = (indices != first).any(-1).float().mean().item()
-                print(f"T={T} G={group} select         {setting}: {timed(run)} ms  rows differing from the first: {differ:.2e}")
+                with override("select_blocks", (dict(zip(("rows", "num_warps", "num_stages"), setting)),)):
+                    run = lambda: fsa_compile.select_blocks(q, k_cmp, lse, 32, 16, 64, 16, 1, 2)  # noqa: E731
+                    indices = run()
+                    first = indices if first is None else first
+                    differ = (indices != first).any(-1).float().mean().item()
+                    print(f"T={T} G={group} select         {setting}: {timed(run)} ms  "
+                          f"rows differing from the first: {differ:.2e}")
 
 
 if __name__ == "__main__":

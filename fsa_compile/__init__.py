@@ -5,7 +5,7 @@
 """
 
 from fsa_compile import ops  # noqa: F401  (registers torch.ops.fsa.*)
-from fsa_compile import lowerings  # noqa: F401
+from fsa_compile import lowerings
 from fsa_compile.compression import compress
 from fsa_compile.functional import (
     check_cu_seqlens,
@@ -16,6 +16,8 @@ from fsa_compile.functional import (
     sliding_window_attention,
 )
 from fsa_compile.modules import FlashSparseAttention
+
+lowerings.register()
 
 __version__ = "0.1.0"
 

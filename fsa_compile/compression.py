@@ -1,57 +1,25 @@
 """Key/value compression and rotary embeddings in plain PyTorch, so Inductor sees and fuses them (on CPU the
 window gather is one opaque op, see ``compression_windows``).
 
-No host synchronisation: packed (``cu_seqlens``) layouts are resolved on the device with ``searchsorted``.
+No host synchronisation: packed (``cu_seqlens``) layouts are resolved on the device (``SequenceLayout``).
 """
 
 from __future__ import annotations
 
 import torch
 
-from fsa_compile.ops._sequences import compressed_sequences, sequence_bounds, token_sequences
-from fsa_compile.ops._validation import num_compressed
-
-
-def compressed_layout(cu_seqlens, num_tokens: int, kernel_size: int, kernel_stride: int, device, num_rows=None):
-    """Where every compressed row comes from.
-
-    -> (first_token [R] long, position [R] long, valid [R] bool) for ``R = num_rows`` rows (default
-    ``Tc = max(0, (T - kernel_size) // kernel_stride + 1)``): the first token of the row's window (global
-    index), the position within its sequence of the window's last token, and whether the row holds a window
-    (packed layouts and rows past Tc are zero).
-    """
-    if num_rows is None:
-        num_rows = num_compressed(num_tokens, kernel_size, kernel_stride)
-    rows = torch.arange(num_rows, device=device)
-    if cu_seqlens is None:
-        first = rows * kernel_stride
-        return first, first + kernel_size - 1, first + kernel_size <= num_tokens
-    counts, first_rows = compressed_sequences(cu_seqlens, num_tokens, kernel_size, kernel_stride)
-    # Boundaries must not be a slice: Inductor's CUDA searchsorted lowering cannot take a SliceView.
-    sequence = torch.searchsorted(first_rows + counts, rows, right=True)
-    valid = sequence < counts.shape[0]
-    sequence = sequence.clamp(max=counts.shape[0] - 1)
-    local = (rows - first_rows[sequence]) * kernel_stride
-    return sequence_bounds(cu_seqlens, num_tokens)[sequence] + local, local + kernel_size - 1, valid
-
-
-def token_positions(cu_seqlens, num_tokens: int, device) -> torch.Tensor:
-    """Position of every token within its sequence: [T] long."""
-    return token_sequences(num_tokens, num_tokens, cu_seqlens, device)[0]
-
-
-# Devices whose compression windows go through the opaque op (see compression_windows).
-OPAQUE_WINDOW_DEVICES = ("cpu",)
+from fsa_compile.lowerings import compression_windows as windows_workaround
+from fsa_compile.ops import SequenceLayout
 
 
 def compression_windows(x, tokens, pos_emb):
     """[B, H, Tc, kernel_size * D]: ``flatten_j(x[:, tokens[i, j], h] + pos_emb[h, j])``, tokens [Tc, kernel_size].
 
-    On CPU through the opaque ``torch.ops.fsa.compression_windows``: Inductor's C++ backend miscompiles the
-    backward of the plain gather (see ops/compression_windows.py). Elsewhere plain PyTorch, which Inductor fuses
-    into one kernel (gather, position add and layout).
+    On ``windows_workaround.OPAQUE_WINDOW_DEVICES`` (CPU) through the opaque ``torch.ops.fsa.compression_windows``:
+    Inductor's C++ backend miscompiles the backward of the plain gather (``fsa_compile.lowerings``). Elsewhere
+    plain PyTorch, which Inductor fuses into one kernel (gather, position add and layout).
     """
-    if x.device.type in OPAQUE_WINDOW_DEVICES:
+    if x.device.type in windows_workaround.OPAQUE_WINDOW_DEVICES:
         return torch.ops.fsa.compression_windows(x, tokens, pos_emb)
     windows = x[:, tokens] + pos_emb.transpose(0, 1)  # [B, Tc, ks, H, D]
     return windows.permute(0, 3, 1, 2, 4).flatten(3)
@@ -80,7 +48,8 @@ def compress(x, weight, pos_emb, kernel_size: int, kernel_stride: int, cu_seqlen
     if pos_emb.shape != (heads, kernel_size, dim):
         raise ValueError(f"pos_emb must be [H, kernel_size, D] = [{heads}, {kernel_size}, {dim}], "
                          f"got {list(pos_emb.shape)}")
-    first, _, valid = compressed_layout(cu_seqlens, num_tokens, kernel_size, kernel_stride, x.device, num_rows)
+    layout = SequenceLayout(x.shape[0], num_tokens, num_tokens, x.device, cu_seqlens)
+    first, _, valid = layout.compressed_rows(kernel_size, kernel_stride, num_rows)
     tokens = (first[:, None] + torch.arange(kernel_size, device=x.device)).clamp(max=max(num_tokens - 1, 0))
     windows = compression_windows(x, tokens, pos_emb)  # [B, H, Tc, ks * D]
     # A broadcast matmul rather than einsum: einsum's internal reshapes add shape guards that break

@@ -11,8 +11,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-import fsa_compile.ops  # noqa: F401  (registers torch.ops.fsa.*)
-from fsa_compile.ops._validation import check_argument_types, check_cu_seqlens_tensor, check_cu_seqlens_values
+from fsa_compile.ops import check_argument_types, check_cu_seqlens_tensor, check_cu_seqlens_values  # registers the ops
 
 
 def check_cu_seqlens(cu_seqlens: Tensor, total: int) -> None:

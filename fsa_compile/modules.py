@@ -5,10 +5,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from fsa_compile.compression import compress, compressed_layout, rotary_embedding, token_positions
+from fsa_compile.compression import compress, rotary_embedding
 from fsa_compile.functional import nsa_attention
-from fsa_compile.ops._validation import max_compressed_rows
-from fsa_compile.ops.selected_attention import IMPLS as SELECTED_IMPLS
+from fsa_compile.ops import SELECTED_IMPLS, SequenceLayout, max_compressed_rows
 
 
 class FlashSparseAttention(nn.Module):
@@ -105,10 +104,10 @@ class FlashSparseAttention(nn.Module):
         k_cmp = compress(k, self.compress_key, self.compress_key_pos, ks, stride, cu_seqlens, rows)
         v_cmp = compress(v, self.compress_value, self.compress_value_pos, ks, stride, cu_seqlens, rows)
 
-        positions = token_positions(cu_seqlens, num_tokens, x.device)
-        _, cmp_positions, _ = compressed_layout(cu_seqlens, num_tokens, ks, stride, x.device, rows)
-        q = rotary_embedding(q, positions, self.rope_theta)
-        k = rotary_embedding(k, positions, self.rope_theta)
+        layout = SequenceLayout(batch, num_tokens, num_tokens, x.device, cu_seqlens)
+        _, cmp_positions, _ = layout.compressed_rows(ks, stride, rows)
+        q = rotary_embedding(q, layout.query_positions, self.rope_theta)
+        k = rotary_embedding(k, layout.query_positions, self.rope_theta)
         k_cmp = rotary_embedding(k_cmp, cmp_positions, self.rope_theta)
         return dict(q=q, k=k, v=v, k_cmp=k_cmp, v_cmp=v_cmp, gates=gates)
 

@@ -1,76 +1,72 @@
-"""Shared registration helpers for the ``fsa`` operator namespace."""
+"""The ``fsa`` operator namespace and the one way an op is registered in it (``define_op``)."""
 
 from __future__ import annotations
 
-import os
+from typing import Callable
 
 import torch
-import triton
 from torch._library.triton import set_wrap_triton_enabled
-from torch._subclasses.fake_tensor import FakeTensor
-from torch._subclasses.functional_tensor import FunctionalTensor, FunctionalTensorMode
-from torch.library import wrap_triton
 
-from ._kernels.common import next_power_of_2, softmax_backward_delta_kernel
 from ._torch_attention import lse_dtype
 
 NAMESPACE = "fsa"
+
+# name -> (op, the Triton implementation with its checks), for fsa_compile.lowerings, which may trace it.
+_TRITON_IMPLEMENTATIONS: dict[str, tuple[torch.library.CustomOpDef, Callable]] = {}
 
 
 def op_name(name: str) -> str:
     return f"{NAMESPACE}::{name}"
 
 
-def triton_custom_op(name: str):
-    """Decorator: ``fsa::name`` as a ``custom_op`` whose default implementation launches Triton kernels through
-    ``torch.library.wrap_triton``. Add the CPU kernel, the fake and the autograd as for any ``custom_op``.
+def define_op(name: str, schema: str, *, torch_impl: Callable, fake: Callable, triton_impl: Callable | None = None,
+              check: Callable | None = None) -> torch.library.CustomOpDef:
+    """Register ``fsa::name`` with ``schema``; every function takes the schema's arguments.
 
-    This is ``torch.library.triton_op`` limited to CUDA. Under ``torch.compile`` (AOTAutograd's
-    FunctionalTensorMode), a call on CUDA tensors is traced through the implementation, so Inductor sees the
-    Triton kernels and launches them from the generated code (no Python op dispatch). Everywhere else the op
-    stays one opaque node: CPU tensors, ``TRITON_INTERPRET=1``, float64 (the PyTorch path, which reads
-    ``cu_seqlens`` on the host), symbolic sizes (``dynamic=True``, see ``_inline_triton``) and ``torch.export``
-    (which keeps ``fsa`` nodes, like ``triton_op``).
+    - CPU: ``torch_impl`` (vectorised PyTorch).
+    - Every other device: ``triton_impl`` (Triton kernels), or ``torch_impl`` for float64 inputs and when there is
+      no ``triton_impl``. CPU tensors take this path too under ``TRITON_INTERPRET=1`` once the CPU kernel is
+      switched off (``op.set_kernel_enabled("cpu", False)``).
+    - Fake tensors: ``fake`` (metadata only).
 
-    ``triton_op`` itself does not fit: it registers the implementation as the fake and inlines it on every
-    device, and ``wrap_triton`` cannot trace the interpreter's kernels.
+    ``check`` runs once per call on each of these paths, before the implementation. Add autograd with
+    ``register_attention_autograd``. Ops with a Triton implementation are listed for ``fsa_compile.lowerings``.
     """
 
-    def register(implementation):
-        def eager(*args, **kwargs):
-            with set_wrap_triton_enabled(False):  # real tensors: launch directly, skip the HOP (as triton_op)
-                return implementation(*args, **kwargs)
+    arguments = [(a.name, a.default_value if a.has_default_value() else None)
+                 for a in torch._C.parse_schema(f"{op_name(name)}{schema}").arguments]
 
-        op = torch.library.custom_op(
-            op_name(name), eager, mutates_args=(), schema=torch.library.infer_schema(implementation, mutates_args=())
-        )
+    def checked(implementation):
+        def run(*args, **kwargs):
+            # The dispatcher passes what the caller passed: complete the defaults, so that every function can take
+            # the schema's arguments positionally.
+            if len(args) < len(arguments):
+                args = (*args, *(kwargs.get(name, default) for name, default in arguments[len(args):]))
+            if check is not None:
+                check(*args)
+            return implementation(*args)
 
-        def trace_kernels(mode, func, types, args, kwargs):
-            if any(t not in (torch.Tensor, FakeTensor, FunctionalTensor) for t in types):
-                return NotImplemented
-            if _inline_triton(args, kwargs):
-                with mode:
-                    return implementation(*args, **kwargs)
-            return mode.__torch_dispatch__(func, types, args, kwargs)
+        return run
 
-        op.register_torch_dispatch(FunctionalTensorMode, trace_kernels)
-        return op
+    torch_path, triton_path = checked(torch_impl), checked(triton_impl) if triton_impl else None
 
-    return register
+    def device_path(*args):
+        if triton_path is None or args[0].dtype == torch.float64:
+            return torch_path(*args)
+        with set_wrap_triton_enabled(False):  # real tensors: launch directly, skip the HOP (as triton_op does)
+            return triton_path(*args)
+
+    op = torch.library.custom_op(op_name(name), device_path, mutates_args=(), schema=schema)
+    op.register_kernel("cpu")(torch_path)
+    op.register_fake(checked(fake))
+    if triton_path is not None:
+        _TRITON_IMPLEMENTATIONS[name] = (op, triton_path)
+    return op
 
 
-def _inline_triton(args, kwargs) -> bool:
-    from torch.export._trace import custom_triton_ops_decomposition_disabled
-
-    if custom_triton_ops_decomposition_disabled() or os.environ.get("TRITON_INTERPRET") == "1":
-        return False
-    tensors = [x for x in (*args, *kwargs.values()) if isinstance(x, torch.Tensor)]
-    # Symbolic sizes (dynamic=True) stay opaque: Inductor's post-grad decomposition of the traced kernels fails
-    # on them with an AssertionError in replace_by_example (pytorch/pytorch#181735; torch 2.11 to 2.13 at least).
-    return all(
-        x.device.type == "cuda" and x.dtype != torch.float64 and all(isinstance(n, int) for n in x.shape)
-        for x in tensors
-    )
+def triton_implementations() -> dict[str, tuple[torch.library.CustomOpDef, Callable]]:
+    """``{name: (op, implementation)}`` of every op with a Triton implementation (checks included)."""
+    return dict(_TRITON_IMPLEMENTATIONS)
 
 
 def resolve_scale(scale: float | None, head_dim: int) -> float:
@@ -86,21 +82,6 @@ def attention_outputs_like(q: torch.Tensor, value_dim: int) -> tuple[torch.Tenso
 def attention_grads_like(q, k, v) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Empty contiguous (dq, dk, dv)."""
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
-
-
-def softmax_backward_delta(do: torch.Tensor, o: torch.Tensor, dlse: torch.Tensor | None) -> torch.Tensor:
-    """float32 [B, Tq, Hq]: ``rowsum(do * o) - dlse``, the per-row term of the attention backward
-    (``ds = p * (dp - delta)``); dlse may be None. One Triton pass over do and o."""
-    do, o = do.contiguous(), o.contiguous()
-    delta = torch.empty(o.shape[:-1], dtype=torch.float32, device=o.device)
-    num_rows, value_dim = delta.numel(), o.shape[-1]
-    if num_rows > 0:
-        block_rows = 32
-        wrap_triton(softmax_backward_delta_kernel)[(triton.cdiv(num_rows, block_rows),)](
-            do, o, delta if dlse is None else dlse.contiguous(), delta, num_rows, DV=value_dim,
-            HAS_DLSE=dlse is not None, BLOCK_R=block_rows, BLOCK_DV=next_power_of_2(value_dim),
-        )
-    return delta
 
 
 def register_attention_autograd(forward_op, backward_op) -> None:

@@ -1,6 +1,6 @@
 """Vectorised PyTorch attention, chunked over queries: the CPU kernel behind every attention op.
 
-An op describes its sparsity with a list of ``Segment``s (one per batch row and sequence) and a
+An op describes its sparsity with a list of ``Segment``s (``SequenceLayout.segments``) and a
 ``select_keys(segment, positions)`` callback that, for a chunk of queries at ``positions`` (a ``range`` of
 positions within the sequence, so no device tensor is read on the host), returns
 the keys the chunk may look at and a mask:
@@ -15,21 +15,14 @@ inputs); outputs are contiguous.
 
 from __future__ import annotations
 
-from typing import Callable, NamedTuple
+from typing import Callable
 
 import torch
 
+from ._layout import Segment
+
 # Elements of the largest per-chunk score/gather tensor: 16M, i.e. 64 MiB in float32.
 CHUNK_ELEMENTS = 1 << 24
-
-
-class Segment(NamedTuple):
-    batch: int
-    query_start: int
-    query_end: int
-    key_start: int
-    key_end: int
-    first_position: int  # position (within its sequence) of the segment's first query
 
 
 def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -43,13 +36,6 @@ def lse_dtype(dtype: torch.dtype) -> torch.dtype:
 
 def chunk_size(elements_per_query: int, cap: int = 1024) -> int:
     return max(1, min(cap, CHUNK_ELEMENTS // max(1, elements_per_query)))
-
-
-def sequence_segments(batch: int, num_queries: int, num_keys: int, bounds: list[int] | None) -> list[Segment]:
-    """One segment per batch row (queries bottom-right aligned) or per packed sequence."""
-    if bounds is None:
-        return [Segment(b, 0, num_queries, 0, num_keys, num_keys - num_queries) for b in range(batch)]
-    return [Segment(0, s, e, s, e, 0) for s, e in zip(bounds[:-1], bounds[1:]) if e > s]
 
 
 SelectKeys = Callable[[Segment, range], "tuple[slice | torch.Tensor, torch.Tensor]"]

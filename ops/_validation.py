@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import torch
 
+from ._layout import max_compressed_rows, num_compressed
+
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 MAX_HEAD_DIM = 256
 # As many query heads as the largest models have (DeepSeek-V3: 128): a q with more whose transpose fits the ops'
@@ -118,7 +120,8 @@ def check_cu_seqlens(cu_seqlens, q: torch.Tensor, num_keys: int) -> None:
     """cu_seqlens int32 [N+1] with B == 1 and as many keys as queries.
 
     Its values (start at 0, non-decreasing, last = T) can only be checked by reading it; the CPU kernels
-    do that, the CUDA kernels trust it so as not to synchronise.
+    do that (``SequenceLayout.segments``), the CUDA kernels make them safe to index with instead, so as not to
+    synchronise.
     """
     if cu_seqlens is None:
         return
@@ -130,14 +133,6 @@ def check_cu_seqlens(cu_seqlens, q: torch.Tensor, num_keys: int) -> None:
         raise ValueError(
             f"with cu_seqlens, keys and queries must be the same packed tokens: Tq={q.shape[1]}, Tk={num_keys}"
         )
-
-
-def check_cu_seqlens_values(cu_seqlens: torch.Tensor, total: int) -> list[int]:
-    """Read cu_seqlens (CPU path only) and check its values; returns them as a list."""
-    bounds = cu_seqlens.tolist()
-    if bounds[0] != 0 or bounds[-1] != total or any(b > a for a, b in zip(bounds[1:], bounds[:-1])):
-        raise ValueError(f"cu_seqlens must start at 0, be non-decreasing and end at T={total}, got {bounds}")
-    return bounds
 
 
 def check_seqlen_k(seqlen_k, num_queries: int, cu_seqlens) -> int:
@@ -160,23 +155,6 @@ def check_compression(kernel_size, kernel_stride) -> None:
             f"kernel_stride must be <= kernel_size (windows may overlap but not leave gaps), "
             f"got kernel_stride={kernel_stride}, kernel_size={kernel_size}"
         )
-
-
-def num_compressed(num_keys, kernel_size: int, kernel_stride: int):
-    """Tc = max(0, (Tk - kernel_size) // kernel_stride + 1); with cu_seqlens, Tk is the packed total."""
-    # A branch (a guard ``Tk >= kernel_size`` under dynamic shapes) rather than sym_max: Max(0, ...) keeps
-    # the shape solver from proving Tc >= 1, which breaks torch.export with a dynamic T.
-    if num_keys < kernel_size:
-        return 0
-    return (num_keys - kernel_size) // kernel_stride + 1
-
-
-def max_compressed_rows(num_keys, kernel_stride: int):
-    """The most compressed rows an op accepts: ``Tk // kernel_stride + 2`` (>= Tc + 1 for any Tk >= 0, and >= 2).
-
-    A compressed tensor of this many rows (zeros after the first Tc) has a shape that needs no branch on whether
-    Tk reaches kernel_size, so torch.export can trace one program for every T >= 1 (``FlashSparseAttention``)."""
-    return num_keys // kernel_stride + 2
 
 
 def check_compressed_keys(name: str, k_cmp, q: torch.Tensor, num_keys, kernel_size, kernel_stride) -> None:

@@ -16,14 +16,20 @@ Kernels: Triton masked flash attention (``_kernels/masked_attention.py``) on CUD
 from __future__ import annotations
 
 import torch
-from torch import Tensor
 
 from . import _torch_attention as torch_attention
 from . import _validation as check
-from ._masked_attention import compressed_spans, masked_attention_backward, masked_attention_forward
+from ._layout import SequenceLayout, visible_compressed
 from ._library import (
-    attention_grads_like, attention_outputs_like, register_attention_autograd, resolve_scale, triton_custom_op,
+    attention_grads_like, attention_outputs_like, define_op, register_attention_autograd, resolve_scale,
 )
+from ._masked_attention import masked_attention_backward, masked_attention_forward
+
+SCHEMA = ("(Tensor q, Tensor k_cmp, Tensor v_cmp, SymInt kernel_size, SymInt kernel_stride, float? scale=None, "
+          "Tensor? cu_seqlens=None, SymInt? seqlen_k=None) -> (Tensor, Tensor)")
+BACKWARD_SCHEMA = ("(Tensor do, Tensor? dlse, Tensor q, Tensor k_cmp, Tensor v_cmp, Tensor o, Tensor lse, "
+                   "SymInt kernel_size, SymInt kernel_stride, float? scale=None, Tensor? cu_seqlens=None, "
+                   "SymInt? seqlen_k=None) -> (Tensor, Tensor, Tensor)")
 
 
 def _check_inputs(q, k_cmp, v_cmp, kernel_size, kernel_stride, scale, cu_seqlens, seqlen_k) -> None:
@@ -34,63 +40,28 @@ def _check_inputs(q, k_cmp, v_cmp, kernel_size, kernel_stride, scale, cu_seqlens
     check.check_compressed_keys("k_cmp", k_cmp, q, num_keys, kernel_size, kernel_stride)
 
 
-def compressed_segments(q, kernel_size, kernel_stride, cu_seqlens, seqlen_k) -> list[torch_attention.Segment]:
-    """Segments whose key rows index the compressed keys (CPU path: reads cu_seqlens)."""
-    num_queries = q.shape[1]
-    if cu_seqlens is None:
-        num_keys = num_queries if seqlen_k is None else seqlen_k
-        num_cmp = check.num_compressed(num_keys, kernel_size, kernel_stride)
-        return [
-            torch_attention.Segment(b, 0, num_queries, 0, num_cmp, num_keys - num_queries)
-            for b in range(q.shape[0])
-        ]
-    bounds = check.check_cu_seqlens_values(cu_seqlens, num_queries)
-    segments, row = [], 0
-    for start, end in zip(bounds[:-1], bounds[1:]):
-        num_cmp = check.num_compressed(end - start, kernel_size, kernel_stride)
-        if end > start:
-            segments.append(torch_attention.Segment(0, start, end, row, row + num_cmp, 0))
-        row += num_cmp
-    return segments
+# ---- CPU path ---------------------------------------------------------------------------------------------------
 
-
-def visible_compressed(positions: range, num_cmp: int, kernel_size: int, kernel_stride: int, device):
-    """Compressed keys a chunk of queries can see: (slice(0, hi), mask [C, hi])."""
-    hi = min(num_cmp, max(0, (positions.stop - 1 - kernel_size + 1) // kernel_stride + 1))
-    window_end = torch.arange(hi, device=device) * kernel_stride + kernel_size - 1
-    query_pos = torch.arange(positions.start, positions.stop, device=device)
-    return slice(0, hi), query_pos[:, None] >= window_end[None, :]
+def visible_compressed_keys(positions: range, num_cmp: int, kernel_size: int, kernel_stride: int, device):
+    """Compressed keys a chunk of queries at ``positions`` can see: (slice(0, hi), mask [C, hi])."""
+    hi = min(num_cmp, visible_compressed(positions.stop - 1, kernel_size, kernel_stride))
+    visible = visible_compressed(torch.arange(positions.start, positions.stop, device=device), kernel_size,
+                                 kernel_stride)
+    return slice(0, hi), torch.arange(hi, device=device)[None, :] < visible[:, None]
 
 
 def _plan(q, kernel_size, kernel_stride, cu_seqlens, seqlen_k):
-    segments = compressed_segments(q, kernel_size, kernel_stride, cu_seqlens, seqlen_k)
+    segments = SequenceLayout.of(q, seqlen_k, cu_seqlens).compressed_segments(kernel_size, kernel_stride)
     longest = max((s.key_end - s.key_start for s in segments), default=1)
     chunk = torch_attention.chunk_size(q.shape[2] * max(1, longest))
 
     def select_keys(segment, positions):
-        rows, mask = visible_compressed(
+        rows, mask = visible_compressed_keys(
             positions, segment.key_end - segment.key_start, kernel_size, kernel_stride, q.device
         )
         return rows, mask[:, None, None, :]
 
     return segments, select_keys, chunk
-
-
-@triton_custom_op("compressed_attention")
-def compressed_attention(
-    q: Tensor, k_cmp: Tensor, v_cmp: Tensor, kernel_size: int, kernel_stride: int,
-    scale: float | None = None, cu_seqlens: Tensor | None = None, seqlen_k: int | None = None,
-) -> tuple[Tensor, Tensor]:
-    _check_inputs(q, k_cmp, v_cmp, kernel_size, kernel_stride, scale, cu_seqlens, seqlen_k)
-    if q.dtype == torch.float64:
-        return _forward_torch(q, k_cmp, v_cmp, kernel_size, kernel_stride, scale, cu_seqlens, seqlen_k)
-    spans = _spans(q, kernel_size, kernel_stride, cu_seqlens, seqlen_k)
-    return masked_attention_forward(q, k_cmp, v_cmp, *spans, resolve_scale(scale, q.shape[-1]))
-
-
-def _spans(q, kernel_size, kernel_stride, cu_seqlens, seqlen_k):
-    seqlen_k = q.shape[1] if seqlen_k is None else seqlen_k
-    return compressed_spans(q.shape[1], seqlen_k, kernel_size, kernel_stride, cu_seqlens, q.device)
 
 
 def _forward_torch(q, k_cmp, v_cmp, kernel_size, kernel_stride, scale, cu_seqlens, seqlen_k):
@@ -100,31 +71,6 @@ def _forward_torch(q, k_cmp, v_cmp, kernel_size, kernel_stride, scale, cu_seqlen
     )
 
 
-@compressed_attention.register_kernel("cpu")
-def _(q, k_cmp, v_cmp, kernel_size, kernel_stride, scale=None, cu_seqlens=None, seqlen_k=None):
-    _check_inputs(q, k_cmp, v_cmp, kernel_size, kernel_stride, scale, cu_seqlens, seqlen_k)
-    return _forward_torch(q, k_cmp, v_cmp, kernel_size, kernel_stride, scale, cu_seqlens, seqlen_k)
-
-
-@compressed_attention.register_fake
-def _(q, k_cmp, v_cmp, kernel_size, kernel_stride, scale=None, cu_seqlens=None, seqlen_k=None):
-    _check_inputs(q, k_cmp, v_cmp, kernel_size, kernel_stride, scale, cu_seqlens, seqlen_k)
-    return attention_outputs_like(q, v_cmp.shape[-1])
-
-
-@triton_custom_op("compressed_attention_backward")
-def compressed_attention_backward(
-    do: Tensor, dlse: Tensor | None, q: Tensor, k_cmp: Tensor, v_cmp: Tensor, o: Tensor, lse: Tensor,
-    kernel_size: int, kernel_stride: int, scale: float | None = None, cu_seqlens: Tensor | None = None,
-    seqlen_k: int | None = None,
-) -> tuple[Tensor, Tensor, Tensor]:
-    if q.dtype == torch.float64:
-        return _backward_torch(do, dlse, q, k_cmp, v_cmp, o, lse, kernel_size, kernel_stride, scale, cu_seqlens,
-                               seqlen_k)
-    spans = _spans(q, kernel_size, kernel_stride, cu_seqlens, seqlen_k)
-    return masked_attention_backward(do, dlse, q, k_cmp, v_cmp, o, lse, *spans, resolve_scale(scale, q.shape[-1]))
-
-
 def _backward_torch(do, dlse, q, k_cmp, v_cmp, o, lse, kernel_size, kernel_stride, scale, cu_seqlens, seqlen_k):
     segments, select_keys, chunk = _plan(q, kernel_size, kernel_stride, cu_seqlens, seqlen_k)
     return torch_attention.attention_backward(
@@ -132,14 +78,26 @@ def _backward_torch(do, dlse, q, k_cmp, v_cmp, o, lse, kernel_size, kernel_strid
     )
 
 
-@compressed_attention_backward.register_kernel("cpu")
-def _(do, dlse, q, k_cmp, v_cmp, o, lse, kernel_size, kernel_stride, scale=None, cu_seqlens=None, seqlen_k=None):
-    return _backward_torch(do, dlse, q, k_cmp, v_cmp, o, lse, kernel_size, kernel_stride, scale, cu_seqlens, seqlen_k)
+# ---- CUDA path --------------------------------------------------------------------------------------------------
+
+def _forward_triton(q, k_cmp, v_cmp, kernel_size, kernel_stride, scale, cu_seqlens, seqlen_k):
+    spans = SequenceLayout.of(q, seqlen_k, cu_seqlens).compressed_spans(kernel_size, kernel_stride)
+    return masked_attention_forward(q, k_cmp, v_cmp, *spans, resolve_scale(scale, q.shape[-1]))
 
 
-@compressed_attention_backward.register_fake
-def _(do, dlse, q, k_cmp, v_cmp, o, lse, kernel_size, kernel_stride, scale=None, cu_seqlens=None, seqlen_k=None):
-    return attention_grads_like(q, k_cmp, v_cmp)
+def _backward_triton(do, dlse, q, k_cmp, v_cmp, o, lse, kernel_size, kernel_stride, scale, cu_seqlens, seqlen_k):
+    spans = SequenceLayout.of(q, seqlen_k, cu_seqlens).compressed_spans(kernel_size, kernel_stride)
+    return masked_attention_backward(do, dlse, q, k_cmp, v_cmp, o, lse, *spans, resolve_scale(scale, q.shape[-1]))
 
 
+# ---- registration -----------------------------------------------------------------------------------------------
+
+compressed_attention = define_op(
+    "compressed_attention", SCHEMA, check=_check_inputs, torch_impl=_forward_torch, triton_impl=_forward_triton,
+    fake=lambda q, k_cmp, v_cmp, *_: attention_outputs_like(q, v_cmp.shape[-1]),
+)
+compressed_attention_backward = define_op(
+    "compressed_attention_backward", BACKWARD_SCHEMA, torch_impl=_backward_torch, triton_impl=_backward_triton,
+    fake=lambda do, dlse, q, k_cmp, v_cmp, *_: attention_grads_like(q, k_cmp, v_cmp),
+)
 register_attention_autograd(compressed_attention, compressed_attention_backward)

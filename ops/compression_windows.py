@@ -5,12 +5,9 @@ x [B, T, H, D], tokens int64 [Tc, kernel_size] (token rows, in ``[0, T)``), pos_
 -> [B, H, Tc, kernel_size * D] in ``promote_types(x.dtype, pos_emb.dtype)``, the head-major layout the
 compression matmul reads. Differentiable in x and pos_emb; windows may overlap (their gradients add up).
 
-Why an op and not ``x[:, tokens] + pos_emb`` in plain PyTorch: the backward of that gather is an accumulating
-``index_put`` into zeros. Inductor's C++ backend (torch 2.13, CPU) shares that zeros buffer with the zeros of
-RoPE's slice backward, turns the index_put into an in-place one on it, and fuses the add of its result into a
-kernel that runs *before* the index_put: the compress path's share of dk is silently lost
-(``tests/test_compile.py::test_inductor_bug_shared_zeros_index_put``). As an opaque op the scatter runs eagerly
-(``index_add_``) on every backend. The cost is one fusion: the gather and the position add are two passes.
+An op rather than ``x[:, tokens] + pos_emb`` in plain PyTorch on CPU, where its backward (an eager
+``index_add_``) sidesteps an Inductor miscompile of the gather's backward: see
+``fsa_compile/lowerings/compression_windows.py``.
 """
 
 from __future__ import annotations
@@ -18,7 +15,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ._library import op_name
+from ._library import define_op
 
 
 def _check_inputs(x, tokens, pos_emb) -> None:
@@ -31,9 +28,7 @@ def _check_inputs(x, tokens, pos_emb) -> None:
         raise ValueError(f"pos_emb must be [H, kernel_size, D] = {list(expected)}, got {list(pos_emb.shape)}")
 
 
-@torch.library.custom_op(op_name("compression_windows"), mutates_args=())
-def compression_windows(x: Tensor, tokens: Tensor, pos_emb: Tensor) -> Tensor:
-    _check_inputs(x, tokens, pos_emb)
+def _windows(x: Tensor, tokens: Tensor, pos_emb: Tensor) -> Tensor:
     batch, _, heads, dim = x.shape
     num_windows, kernel_size = tokens.shape
     out_dtype = torch.promote_types(x.dtype, pos_emb.dtype)
@@ -42,19 +37,14 @@ def compression_windows(x: Tensor, tokens: Tensor, pos_emb: Tensor) -> Tensor:
     return windows.view(batch, heads, num_windows, kernel_size * dim)
 
 
-@compression_windows.register_fake
-def _(x, tokens, pos_emb):
-    _check_inputs(x, tokens, pos_emb)
+def _windows_fake(x, tokens, pos_emb):
     batch, _, heads, dim = x.shape
     num_windows, kernel_size = tokens.shape
     out_dtype = torch.promote_types(x.dtype, pos_emb.dtype)
     return x.new_empty(batch, heads, num_windows, kernel_size * dim, dtype=out_dtype)
 
 
-@torch.library.custom_op(op_name("compression_windows_backward"), mutates_args=())
-def compression_windows_backward(
-    grad: Tensor, tokens: Tensor, num_tokens: int, x_dtype: torch.dtype, pos_dtype: torch.dtype
-) -> tuple[Tensor, Tensor]:
+def _windows_backward(grad, tokens, num_tokens, x_dtype, pos_dtype):
     """grad [B, H, Tc, kernel_size * D] -> (dx [B, T, H, D] in x_dtype, dpos_emb [H, kernel_size, D] in pos_dtype)."""
     batch, heads, num_windows, flat = grad.shape
     kernel_size = tokens.shape[1]
@@ -66,13 +56,23 @@ def compression_windows_backward(
     return dx.transpose(1, 2).contiguous().to(x_dtype), dpos.to(pos_dtype)
 
 
-@compression_windows_backward.register_fake
-def _(grad, tokens, num_tokens, x_dtype, pos_dtype):
+def _windows_backward_fake(grad, tokens, num_tokens, x_dtype, pos_dtype):
     batch, heads, _, flat = grad.shape
     kernel_size = tokens.shape[1]
     dim = flat // kernel_size
     return (grad.new_empty(batch, num_tokens, heads, dim, dtype=x_dtype),
             grad.new_empty(heads, kernel_size, dim, dtype=pos_dtype))
+
+
+compression_windows = define_op(
+    "compression_windows", "(Tensor x, Tensor tokens, Tensor pos_emb) -> Tensor", check=_check_inputs,
+    torch_impl=_windows, fake=_windows_fake,
+)
+compression_windows_backward = define_op(
+    "compression_windows_backward",
+    "(Tensor grad, Tensor tokens, SymInt num_tokens, ScalarType x_dtype, ScalarType pos_dtype) -> (Tensor, Tensor)",
+    torch_impl=_windows_backward, fake=_windows_backward_fake,
+)
 
 
 def _setup_context(ctx, inputs, output):

@@ -22,16 +22,19 @@ from __future__ import annotations
 
 import torch
 import triton
-from torch import Tensor
-from torch.library import wrap_triton
 
+from . import _settings
 from . import _torch_attention as torch_attention
 from . import _validation as check
-from ._kernels.common import next_power_of_2
 from ._kernels.select_blocks import _select_blocks_kernel
-from ._library import resolve_scale, triton_custom_op
-from ._sequences import compressed_sequences, sequence_bounds
-from .compressed_attention import compressed_segments, visible_compressed
+from ._launch import launcher, next_power_of_2
+from ._layout import SequenceLayout
+from ._library import define_op, resolve_scale
+from .compressed_attention import visible_compressed_keys
+
+SCHEMA = ("(Tensor q, Tensor k_cmp, Tensor lse, SymInt kernel_size, SymInt kernel_stride, SymInt block_size, "
+          "SymInt topk, SymInt init_blocks, SymInt local_blocks, float? scale=None, Tensor? cu_seqlens=None, "
+          "SymInt? seqlen_k=None) -> Tensor")
 
 
 def _check_inputs(
@@ -59,6 +62,8 @@ def _check_inputs(
     num_keys = check.check_seqlen_k(seqlen_k, q.shape[1], cu_seqlens)
     check.check_compressed_keys("k_cmp", k_cmp, q, num_keys, kernel_size, kernel_stride)
 
+
+# ---- CPU path ---------------------------------------------------------------------------------------------------
 
 def _pool_onto_blocks(probs, kernel_size, kernel_stride, block_size, num_blocks):
     """Block scores from window probabilities: ``scores[..., j] = sum_i probs[..., i] * w(i, j)``.
@@ -91,7 +96,7 @@ def _select_blocks_torch(
     acc = torch_attention.accumulation_dtype(q.dtype)
     scale = resolve_scale(scale, d)
     out = torch.full((batch, num_queries, hkv, topk), -1, dtype=torch.int32, device=q.device)
-    for segment in compressed_segments(q, kernel_size, kernel_stride, cu_seqlens, seqlen_k):
+    for segment in SequenceLayout.of(q, seqlen_k, cu_seqlens).compressed_segments(kernel_size, kernel_stride):
         b = segment.batch
         num_keys = segment.first_position + segment.query_end - segment.query_start
         num_cmp = segment.key_end - segment.key_start
@@ -104,7 +109,7 @@ def _select_blocks_torch(
             n = end - start
             first = start - segment.query_start + segment.first_position
             positions = range(first, first + n)
-            rows, visible = visible_compressed(positions, num_cmp, kernel_size, kernel_stride, q.device)
+            rows, visible = visible_compressed_keys(positions, num_cmp, kernel_size, kernel_stride, q.device)
             keys = k_cmp[b, segment.key_start + rows.start : segment.key_start + rows.stop].to(acc)  # [S, Hkv, D]
             qc = q[b, start:end].reshape(n, hkv, group, d).to(acc)
             logits = torch.einsum("chgd,shd->chgs", qc, keys) * scale
@@ -125,42 +130,20 @@ def _select_blocks_torch(
     return out
 
 
-@triton_custom_op("select_blocks")
-def select_blocks(
-    q: Tensor, k_cmp: Tensor, lse: Tensor, kernel_size: int, kernel_stride: int, block_size: int, topk: int,
-    init_blocks: int, local_blocks: int, scale: float | None = None, cu_seqlens: Tensor | None = None,
-    seqlen_k: int | None = None,
-) -> Tensor:
-    args = (q, k_cmp, lse, kernel_size, kernel_stride, block_size, topk, init_blocks, local_blocks, scale,
-            cu_seqlens, seqlen_k)
-    _check_inputs(*args)
-    if q.dtype == torch.float64:
-        return _select_blocks_torch(*args)
-    return _select_blocks_triton(*args)
+# ---- CUDA path --------------------------------------------------------------------------------------------------
 
-
-@select_blocks.register_kernel("cpu")
-def _(q, k_cmp, lse, kernel_size, kernel_stride, block_size, topk, init_blocks, local_blocks, scale=None,
-      cu_seqlens=None, seqlen_k=None):
-    args = (q, k_cmp, lse, kernel_size, kernel_stride, block_size, topk, init_blocks, local_blocks, scale,
-            cu_seqlens, seqlen_k)
-    _check_inputs(*args)
-    return _select_blocks_torch(*args)
-
-
-def _tiles(q, num_cmp, kernel_size, kernel_stride, tile_tokens, cu_seqlens, seqlen_k):
+def _tiles(q, num_cmp, kernel_size, kernel_stride, tile_tokens, layout):
     """int32 tables of the token tiles, each inside one sequence: first flattened row, end row of its sequence,
     position of its first token, first compressed row of its sequence. Built on the device, sized from shapes
-    (with cu_seqlens: a bound on the number of tiles; the spare tiles are empty)."""
+    (packed: a bound on the number of tiles; the spare tiles are empty)."""
     batch, num_queries, device = q.shape[0], q.shape[1], q.device
-    if cu_seqlens is None:
+    if not layout.packed:
         per_row = triton.cdiv(num_queries, tile_tokens)
         tile = torch.arange(batch * per_row, device=device)
         b, start = tile // per_row, (tile % per_row) * tile_tokens
-        offset = (num_queries if seqlen_k is None else seqlen_k) - num_queries
-        tables = (b * num_queries + start, (b + 1) * num_queries, start + offset, b * num_cmp)
+        tables = (b * num_queries + start, (b + 1) * num_queries, start + layout.query_offset, b * num_cmp)
     else:
-        bounds = sequence_bounds(cu_seqlens, num_queries)
+        bounds = layout.query_bounds
         lengths = bounds[1:] - bounds[:-1]
         tiles_per_sequence = (lengths + tile_tokens - 1) // tile_tokens
         tile_ends = tiles_per_sequence.cumsum(0)
@@ -169,7 +152,7 @@ def _tiles(q, num_cmp, kernel_size, kernel_stride, tile_tokens, cu_seqlens, seql
         start = (tile - (tile_ends - tiles_per_sequence)[sequence]) * tile_tokens
         end = bounds[1:][sequence]
         first = torch.where(tile < tile_ends[-1], bounds[:-1][sequence] + start, end)
-        tables = (first, end, start, compressed_sequences(cu_seqlens, num_queries, kernel_size, kernel_stride)[1][sequence])
+        tables = (first, end, start, layout.compressed_sequences(kernel_size, kernel_stride)[1][sequence])
     return [t.to(torch.int32) for t in tables]
 
 
@@ -187,10 +170,6 @@ def _window_steps(kernel_size, kernel_stride, block_size, blocks_wanted):
         block_c *= 2
 
 
-# Rows per program (tokens x GP heads of the group) and launch settings of the fused selection kernel.
-SELECT_LAUNCH = dict(rows=64, num_warps=4, num_stages=2)
-
-
 def _select_blocks_triton(
     q, k_cmp, lse, kernel_size, kernel_stride, block_size, topk, init_blocks, local_blocks, scale, cu_seqlens,
     seqlen_k,
@@ -200,27 +179,30 @@ def _select_blocks_triton(
     hkv = k_cmp.shape[2]
     group = hq // hkv
     group_padded = triton.next_power_of_2(group)
-    tile_tokens = max(16, SELECT_LAUNCH["rows"] // group_padded)
+    settings = _settings.get("select_blocks", q.dtype, group, d)[0]
+    tile_tokens = max(16, settings["rows"] // group_padded)
     topk_padded = next_power_of_2(topk)
     block_c, blocks_per_step = _window_steps(kernel_size, kernel_stride, block_size, topk_padded)
-    tables = _tiles(q, k_cmp.shape[1], kernel_size, kernel_stride, tile_tokens, cu_seqlens, seqlen_k)
+    layout = SequenceLayout.of(q, seqlen_k, cu_seqlens)
+    tables = _tiles(q, k_cmp.shape[1], kernel_size, kernel_stride, tile_tokens, layout)
     indices = torch.empty(batch, num_queries, hkv, topk, dtype=torch.int32, device=q.device)
     if q.numel() == 0:
         return indices
-    wrap_triton(_select_blocks_kernel)[(tables[0].shape[0], hkv)](
+    launcher(_select_blocks_kernel, (tables[0].shape[0], hkv))(
         q, k_cmp, lse, *tables, indices, resolve_scale(scale, d),
         HQ=hq, HKV=hkv, G=group, GP=group_padded, D=d, BLOCK_D=next_power_of_2(d), KERNEL_SIZE=kernel_size,
         KERNEL_STRIDE=kernel_stride, BS=block_size, TOPK=topk, TOPKP=topk_padded, INIT_BLOCKS=init_blocks,
         LOCAL_BLOCKS=local_blocks, BLOCK_T=tile_tokens, BLOCK_C=block_c, NBT=blocks_per_step,
-        INPUT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
-        num_warps=SELECT_LAUNCH["num_warps"], num_stages=SELECT_LAUNCH["num_stages"],
+        INPUT_PRECISION=_settings.input_precision(q.dtype), num_warps=settings["num_warps"],
+        num_stages=settings["num_stages"],
     )
     return indices
 
 
-@select_blocks.register_fake
-def _(q, k_cmp, lse, kernel_size, kernel_stride, block_size, topk, init_blocks, local_blocks, scale=None,
-      cu_seqlens=None, seqlen_k=None):
-    _check_inputs(q, k_cmp, lse, kernel_size, kernel_stride, block_size, topk, init_blocks, local_blocks, scale,
-                  cu_seqlens, seqlen_k)
-    return q.new_empty(q.shape[0], q.shape[1], k_cmp.shape[2], topk, dtype=torch.int32)
+# ---- registration -----------------------------------------------------------------------------------------------
+
+select_blocks = define_op(
+    "select_blocks", SCHEMA, check=_check_inputs, torch_impl=_select_blocks_torch, triton_impl=_select_blocks_triton,
+    fake=lambda q, k_cmp, lse, ks, stride, block_size, topk, *_: q.new_empty(
+        q.shape[0], q.shape[1], k_cmp.shape[2], topk, dtype=torch.int32),
+)

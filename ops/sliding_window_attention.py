@@ -11,14 +11,19 @@ disabled; vectorised PyTorch on CPU and for float64.
 from __future__ import annotations
 
 import torch
-from torch import Tensor
 
 from . import _torch_attention as torch_attention
 from . import _validation as check
-from ._masked_attention import masked_attention_backward, masked_attention_forward, window_spans
+from ._layout import SequenceLayout
 from ._library import (
-    attention_grads_like, attention_outputs_like, register_attention_autograd, resolve_scale, triton_custom_op,
+    attention_grads_like, attention_outputs_like, define_op, register_attention_autograd, resolve_scale,
 )
+from ._masked_attention import masked_attention_backward, masked_attention_forward
+
+SCHEMA = ("(Tensor q, Tensor k, Tensor v, SymInt window_size, float? scale=None, Tensor? cu_seqlens=None) "
+          "-> (Tensor, Tensor)")
+BACKWARD_SCHEMA = ("(Tensor do, Tensor? dlse, Tensor q, Tensor k, Tensor v, Tensor o, Tensor lse, SymInt window_size, "
+                   "float? scale=None, Tensor? cu_seqlens=None) -> (Tensor, Tensor, Tensor)")
 
 
 def _check_inputs(q, k, v, window_size, scale, cu_seqlens) -> None:
@@ -28,10 +33,11 @@ def _check_inputs(q, k, v, window_size, scale, cu_seqlens) -> None:
     check.check_keys_cover_queries(q, k)
 
 
+# ---- CPU path ---------------------------------------------------------------------------------------------------
+
 def _plan(q, k, window_size, cu_seqlens):
     """Segments and the key selector of the CPU kernel."""
-    bounds = None if cu_seqlens is None else check.check_cu_seqlens_values(cu_seqlens, q.shape[1])
-    segments = torch_attention.sequence_segments(q.shape[0], q.shape[1], k.shape[1], bounds)
+    segments = SequenceLayout.of(q, k.shape[1], cu_seqlens).segments()
     # A chunk of C queries reads C + window - 1 keys: chunks about as long as the window waste little work.
     cap = max(64, min(window_size, 256))
     chunk = torch_attention.chunk_size(q.shape[2] * (min(window_size, k.shape[1]) + cap), cap=cap)
@@ -45,45 +51,9 @@ def _plan(q, k, window_size, cu_seqlens):
     return segments, select_keys, chunk
 
 
-@triton_custom_op("sliding_window_attention")
-def sliding_window_attention(
-    q: Tensor, k: Tensor, v: Tensor, window_size: int, scale: float | None = None, cu_seqlens: Tensor | None = None
-) -> tuple[Tensor, Tensor]:
-    _check_inputs(q, k, v, window_size, scale, cu_seqlens)
-    if q.dtype == torch.float64:
-        return _forward_torch(q, k, v, window_size, scale, cu_seqlens)
-    spans = window_spans(q.shape[1], k.shape[1], window_size, cu_seqlens, q.device)
-    return masked_attention_forward(q, k, v, *spans, resolve_scale(scale, q.shape[-1]))
-
-
 def _forward_torch(q, k, v, window_size, scale, cu_seqlens):
     segments, select_keys, chunk = _plan(q, k, window_size, cu_seqlens)
     return torch_attention.attention_forward(q, k, v, resolve_scale(scale, q.shape[-1]), segments, select_keys, chunk)
-
-
-@sliding_window_attention.register_kernel("cpu")
-def _(q, k, v, window_size, scale=None, cu_seqlens=None):
-    _check_inputs(q, k, v, window_size, scale, cu_seqlens)
-    return _forward_torch(q, k, v, window_size, scale, cu_seqlens)
-
-
-@sliding_window_attention.register_fake
-def _(q, k, v, window_size, scale=None, cu_seqlens=None):
-    _check_inputs(q, k, v, window_size, scale, cu_seqlens)
-    return attention_outputs_like(q, v.shape[-1])
-
-
-@triton_custom_op("sliding_window_attention_backward")
-def sliding_window_attention_backward(
-    do: Tensor, dlse: Tensor | None, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor,
-    window_size: int, scale: float | None = None, cu_seqlens: Tensor | None = None,
-) -> tuple[Tensor, Tensor, Tensor]:
-    if q.dtype == torch.float64:
-        return _backward_torch(do, dlse, q, k, v, o, lse, window_size, scale, cu_seqlens)
-    spans = window_spans(q.shape[1], k.shape[1], window_size, cu_seqlens, q.device)
-    return masked_attention_backward(
-        do, dlse, q, k, v, o, lse, *spans, resolve_scale(scale, q.shape[-1]), max_tokens_per_key=window_size
-    )
 
 
 def _backward_torch(do, dlse, q, k, v, o, lse, window_size, scale, cu_seqlens):
@@ -93,14 +63,28 @@ def _backward_torch(do, dlse, q, k, v, o, lse, window_size, scale, cu_seqlens):
     )
 
 
-@sliding_window_attention_backward.register_kernel("cpu")
-def _(do, dlse, q, k, v, o, lse, window_size, scale=None, cu_seqlens=None):
-    return _backward_torch(do, dlse, q, k, v, o, lse, window_size, scale, cu_seqlens)
+# ---- CUDA path --------------------------------------------------------------------------------------------------
+
+def _forward_triton(q, k, v, window_size, scale, cu_seqlens):
+    spans = SequenceLayout.of(q, k.shape[1], cu_seqlens).window_spans(window_size)
+    return masked_attention_forward(q, k, v, *spans, resolve_scale(scale, q.shape[-1]))
 
 
-@sliding_window_attention_backward.register_fake
-def _(do, dlse, q, k, v, o, lse, window_size, scale=None, cu_seqlens=None):
-    return attention_grads_like(q, k, v)
+def _backward_triton(do, dlse, q, k, v, o, lse, window_size, scale, cu_seqlens):
+    spans = SequenceLayout.of(q, k.shape[1], cu_seqlens).window_spans(window_size)
+    return masked_attention_backward(
+        do, dlse, q, k, v, o, lse, *spans, resolve_scale(scale, q.shape[-1]), max_tokens_per_key=window_size
+    )
 
 
+# ---- registration -----------------------------------------------------------------------------------------------
+
+sliding_window_attention = define_op(
+    "sliding_window_attention", SCHEMA, check=_check_inputs, torch_impl=_forward_torch, triton_impl=_forward_triton,
+    fake=lambda q, k, v, *_: attention_outputs_like(q, v.shape[-1]),
+)
+sliding_window_attention_backward = define_op(
+    "sliding_window_attention_backward", BACKWARD_SCHEMA, torch_impl=_backward_torch, triton_impl=_backward_triton,
+    fake=lambda do, dlse, q, k, v, *_: attention_grads_like(q, k, v),
+)
 register_attention_autograd(sliding_window_attention, sliding_window_attention_backward)

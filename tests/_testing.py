@@ -186,7 +186,7 @@ def attention_path(path: str, *ops):
 @contextlib.contextmanager
 def selected_attention_path(path: str):
     """Run ``torch.ops.fsa.selected_attention`` through ``path``; yields the ``impl=`` value to pass."""
-    from fsa_compile.ops.selected_attention import selected_attention, selected_attention_backward
+    from fsa_compile.ops.selected_attention import selected_attention, selected_attention_backward  # the op objects
 
     with attention_path("torch" if path == "torch" else "triton", selected_attention, selected_attention_backward):
         yield "auto" if path == "torch" else path

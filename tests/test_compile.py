@@ -1,13 +1,14 @@
 """torch.compile through the ops: no graph breaks, eager numerics, no recompiles when T changes."""
 
 import re
-import sys
 
 import pytest
 import torch
 from torch._dynamo.testing import CompileCounterWithBackend
 from torch._inductor.utils import run_and_get_code
 
+from fsa_compile.lowerings import compression_windows as windows_workaround
+from fsa_compile.ops import _settings
 from tests._testing import DEVICE, RATIO, assert_close, make_cu_seqlens, make_layer, make_small_layer
 
 
@@ -97,7 +98,7 @@ def test_inductor_bug_shared_zeros_index_put(monkeypatch):
     into the kernel that zero-fills the buffer, which runs before the index_put: dk loses its compress part.
     Attempts to reduce it to a graph without the fsa ops (the same projections, gathers and RoPE around einsum
     attention, opaque or not) compiled correctly, so the pin is the layer itself."""
-    monkeypatch.setattr(sys.modules["fsa_compile.compression"], "OPAQUE_WINDOW_DEVICES", ())
+    monkeypatch.setattr(windows_workaround, "OPAQUE_WINDOW_DEVICES", ())
     hidden, hq, hkv, d, config = GRID[0]
     layer = make_layer(hidden, hq, hkv, d, dtype=torch.float64, **config)
     x = torch.randn(2, 80, hidden, dtype=torch.float64)
@@ -205,17 +206,16 @@ def _assert_step_matches_eager(layer, x, out, ratio):
 @pytest.mark.skipif(DEVICE != "cuda", reason="the ops are traced into Triton kernels on CUDA only")
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("dynamic", [False, True], ids=["static", "dynamic"])
-def test_cuda_compile_launches_the_triton_kernels_from_generated_code(dtype, dynamic, monkeypatch):
+def test_cuda_compile_launches_the_triton_kernels_from_generated_code(dtype, dynamic):
     """On CUDA with static shapes, Inductor traces the ops through their launchers
-    (ops/_library.triton_custom_op): the generated code launches our Triton kernels itself, forward and
+    (lowerings/triton_launches.py): the generated code launches our Triton kernels itself, forward and
     backward, with no torch.ops.fsa call left. With dynamic=True the ops stay opaque calls (a torch bug, see
-    _library._inline_triton). Both match eager. Small dk/dv chunks put the chunked masked backward (float32
+    triton_launches.traces_triton). Both match eager. Small dk/dv chunks put the chunked masked backward (float32
     partials and their sum) in the traced graph too."""
-    monkeypatch.setattr(sys.modules["fsa_compile.ops._masked_attention"], "DKDV_CHUNK_TOKENS", 16)
     layer = make_small_layer().to(dtype)
     compiled = torch.compile(layer, fullgraph=True, dynamic=dynamic)
     x = torch.randn(2, 77, 64, device=DEVICE, dtype=dtype, requires_grad=True)
-    with torch._inductor.config.patch(force_disable_caches=True):
+    with torch._inductor.config.patch(force_disable_caches=True), _settings.override("masked_dkdv_chunk_tokens", 16):
         out, codes = run_and_get_code(_training_step(compiled), x)
     code = "\n".join(codes)
     fsa_calls = set(re.findall(r"torch\.ops\.fsa\.(\w+)", code))
@@ -234,7 +234,7 @@ def test_cuda_compile_launches_the_triton_kernels_from_generated_code(dtype, dyn
 @pytest.mark.skipif(DEVICE != "cuda", reason="the ops are traced into Triton kernels on CUDA only")
 def test_cuda_static_compile_picks_launch_settings_that_fit(monkeypatch):
     """fp32 with D=256 does not fit the tuned tile settings in shared memory. A static-shape compile with no eager
-    call before it must still pick settings that fit while it traces the launchers (ops/_launch.fitted_kernel),
+    call before it must still pick settings that fit while it traces the launchers (triton_launches.check_kernel_fits),
     not fail when the compiled code runs."""
     import fsa_compile
     from fsa_compile.ops import _launch
@@ -246,5 +246,5 @@ def test_cuda_static_compile_picks_launch_settings_that_fit(monkeypatch):
     compiled = torch.compile(layer, fullgraph=True, dynamic=False)
     out, codes = run_and_get_code(_training_step(compiled), x)
     assert "torch.ops.fsa" not in "\n".join(codes)
-    assert any(index > 0 for index in _launch._FITTING_SETTINGS.values()), _launch._FITTING_SETTINGS
+    assert any(index > 0 for _, index in _launch._FITTING_SETTINGS.values()), _launch._FITTING_SETTINGS
     _assert_step_matches_eager(layer, x, out, RATIO[torch.float32])

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from fsa_compile import compress, reference
-from fsa_compile.compression import compressed_layout, rotary_embedding, token_positions
+from fsa_compile.compression import rotary_embedding
 from tests._testing import make_cu_seqlens
 
 
@@ -27,16 +27,6 @@ def test_compress_matches_reference(kernel_size, kernel_stride, lengths):
 def test_short_input_gives_no_windows():
     x = torch.randn(1, 5, 2, 4)
     assert compress(x, torch.randn(2, 32, 4), torch.zeros(2, 8, 4), 8, 4).shape == (1, 0, 2, 4)
-
-
-def test_layout_and_positions_restart_per_sequence():
-    cu = make_cu_seqlens((5, 12, 0, 9), "cpu")
-    assert token_positions(cu, 26, "cpu").tolist() == list(range(5)) + list(range(12)) + list(range(9))
-    first, position, valid = compressed_layout(cu, 26, 4, 4, "cpu")
-    # Windows: sequence 0 (5 tokens) -> 1, sequence 1 (12) -> 3, sequence 3 (9) -> 2; Tc bound = 6.
-    assert first[valid].tolist() == [0, 5, 9, 13, 17, 21]
-    assert position[valid].tolist() == [3, 3, 7, 11, 3, 7]
-    assert valid.tolist() == [True] * 6
 
 
 def test_rotary_matches_reference():

@@ -5,11 +5,10 @@ here CPU tensors run the Triton kernels under the interpreter, so CI covers the 
 import pytest
 import torch
 
-from fsa_compile.ops import compressed_attention, select_blocks, selected_attention
-from fsa_compile.ops import sliding_window_attention
-from fsa_compile.ops.selected_attention import selected_attention_backward
-from fsa_compile.ops.sliding_window_attention import sliding_window_attention_backward
-from fsa_compile.ops.compressed_attention import compressed_attention_backward
+from fsa_compile.ops.compressed_attention import compressed_attention, compressed_attention_backward
+from fsa_compile.ops.select_blocks import select_blocks
+from fsa_compile.ops.selected_attention import selected_attention, selected_attention_backward
+from fsa_compile.ops.sliding_window_attention import sliding_window_attention, sliding_window_attention_backward
 from tests._testing import DEVICE, assert_close, cpu_kernel_disabled, make_cu_seqlens, make_small_layer
 
 T = 64

@@ -15,9 +15,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from fsa_compile.compression import rotary_embedding, token_positions
+from fsa_compile.compression import rotary_embedding
 from fsa_compile.modules import FlashSparseAttention
-from fsa_compile.ops._sequences import token_sequences
+from fsa_compile.ops import SequenceLayout
 
 ATTENTIONS = ("nsa", "full")
 
@@ -102,15 +102,14 @@ class FullCausalAttention(nn.Module):
         q = self.q_proj(x).view(batch, num_tokens, self.num_heads, self.head_dim)
         k = self.k_proj(x).view(batch, num_tokens, self.num_kv_heads, self.head_dim)
         v = self.v_proj(x).view(batch, num_tokens, self.num_kv_heads, self.head_dim)
-        positions = token_positions(cu_seqlens, num_tokens, x.device)
-        q = rotary_embedding(q, positions, self.rope_theta)
-        k = rotary_embedding(k, positions, self.rope_theta)
+        layout = SequenceLayout(batch, num_tokens, num_tokens, x.device, cu_seqlens)
+        q = rotary_embedding(q, layout.query_positions, self.rope_theta)
+        k = rotary_embedding(k, layout.query_positions, self.rope_theta)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))
         if cu_seqlens is None:
             o = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
         else:
-            _, sequence, _ = token_sequences(num_tokens, num_tokens, cu_seqlens, x.device)
-            tokens = torch.arange(num_tokens, device=x.device)
+            sequence, tokens = layout.query_sequence, torch.arange(num_tokens, device=x.device)
             mask = (sequence[:, None] == sequence[None, :]) & (tokens[:, None] >= tokens[None, :])
             o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
         return self.o_proj(o.transpose(1, 2).flatten(2))

@@ -1,4 +1,5 @@
-"""Shared ``@triton.jit`` helpers of the attention kernels, and the backward's row-delta kernel."""
+"""Shared ``@triton.jit`` helpers of the attention kernels, and the backward's row-delta kernel (``@triton.jit``
+code only: the host side is in ``ops/_launch.py``)."""
 
 import triton
 import triton.language as tl
@@ -89,7 +90,3 @@ def softmax_backward_delta_kernel(
     if HAS_DLSE:
         row_delta -= tl.load(dlse + rows, mask=row_mask, other=0.0).to(tl.float32)
     tl.store(delta + rows, row_delta, mask=row_mask)
-
-
-def next_power_of_2(n: int, minimum: int = 16) -> int:
-    return max(minimum, triton.next_power_of_2(n))

@@ -1,6 +1,6 @@
 """KV-block-centric selected attention (the FSA kernels).
 
-``ops/selected_attention.py::_invert_indices`` inverts the indices on the device: every valid (query token, KV
+``ops/_index_inversion.py::invert_indices`` inverts the indices on the device: every valid (query token, KV
 head, slot) entry gets the key ``(b * HKV + h) * Tk + first_row_of_its_block`` (``_selection_keys_kernel``);
 entries are sorted by key and cut into work items of at most ``BLOCK_Q * TILES`` entries of one key. A program
 takes one work item: it loads its KV block once and streams the entries through tensor-core dots ``BLOCK_Q`` at

@@ -1,10 +1,9 @@
-import sys
-
 import pytest
 import torch
 
 import fsa_compile
 from fsa_compile import reference
+from fsa_compile.ops import _settings
 from fsa_compile.ops.compressed_attention import compressed_attention, compressed_attention_backward
 from tests._testing import (
     ATTENTION_PATHS, DEVICE, SMALL_CASES, attention_path, case_params, check_attention, check_on_query_suffix,
@@ -110,12 +109,12 @@ def test_odd_groups_and_head_dims(group, d, path):
 
 
 @pytest.mark.parametrize("case", [SMALL_CASES[0], SMALL_CASES[4], SMALL_CASES[5]], ids=lambda c: c.id)
-def test_backward_splits_the_tokens_of_a_key_tile_into_chunks(monkeypatch, case):
+def test_backward_splits_the_tokens_of_a_key_tile_into_chunks(case):
     """With 8-token chunks the dk/dv kernel splits each key tile's tokens over up to 8 programs whose float32
     partial sums are added afterwards (at T >= 8K this happens with the default settings)."""
-    monkeypatch.setattr(sys.modules["fsa_compile.ops._masked_attention"], "DKDV_CHUNK_TOKENS", 8)
     q, k_cmp, v_cmp, cu, seqlen_k = compressed_inputs(case, torch.float32, 8, 4)
-    with attention_path("triton", compressed_attention, compressed_attention_backward):
+    with _settings.override("masked_dkdv_chunk_tokens", 8), \
+            attention_path("triton", compressed_attention, compressed_attention_backward):
         out = fsa_compile.compressed_attention(q, k_cmp, v_cmp, 8, 4, cu_seqlens=cu, seqlen_k=seqlen_k)
         check_attention(
             out, lambda q, k, v: reference.compressed_attention(q, k, v, 8, 4, None, cu, seqlen_k),

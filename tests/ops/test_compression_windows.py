@@ -3,12 +3,13 @@
 import pytest
 import torch
 
-from fsa_compile.compression import compressed_layout
+from fsa_compile.ops import SequenceLayout
 from tests._testing import DEVICE, assert_close
 
 
 def windows_inputs(batch, num_tokens, heads, dim, kernel_size, kernel_stride, dtype=torch.float64):
-    first, _, _ = compressed_layout(None, num_tokens, kernel_size, kernel_stride, DEVICE, num_tokens // kernel_stride + 2)
+    layout = SequenceLayout(batch, num_tokens, num_tokens, DEVICE)
+    first, _, _ = layout.compressed_rows(kernel_size, kernel_stride, num_tokens // kernel_stride + 2)
     tokens = (first[:, None] + torch.arange(kernel_size, device=DEVICE)).clamp(max=max(num_tokens - 1, 0))
     x = torch.randn(batch, num_tokens, heads, dim, dtype=dtype, device=DEVICE, requires_grad=True)
     pos_emb = torch.randn(heads, kernel_size, dim, dtype=dtype, device=DEVICE, requires_grad=True)

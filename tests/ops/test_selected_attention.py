@@ -1,11 +1,10 @@
-import sys
-
 import pytest
 import torch
 
 import fsa_compile
 from fsa_compile import reference
-from fsa_compile.ops.selected_attention import choose_kernel
+from fsa_compile.ops import _launch, _selected_launchers, _settings
+from fsa_compile.ops._selected_launchers import Call, choose_kernel
 from tests._testing import (
     DEVICE, RATIO, SELECTED_PATHS, assert_close, case_params, check_attention, check_on_query_suffix, grads,
     make_cu_seqlens, make_indices, make_qkv, selected_attention_path,
@@ -100,10 +99,16 @@ def test_gradcheck():
 
 
 def test_auto_heuristic():
-    assert choose_kernel("auto", 1, 4096) == "fsa" and choose_kernel("auto", 16, 4096) == "nsa"
-    assert choose_kernel("auto", 1, 1) == "nsa"  # decode
-    assert choose_kernel("auto", 16, 4096, backward=True) == "fsa"
-    assert choose_kernel("nsa", 1, 4096) == "nsa" and choose_kernel("fsa", 16, 1) == "fsa"
+    forward = dict(backward=False, deterministic=False)
+    assert choose_kernel("auto", Call(1, 4096, **forward)) == "fsa"
+    assert choose_kernel("auto", Call(16, 4096, **forward)) == "nsa"
+    assert choose_kernel("auto", Call(1, 1, **forward)) == "nsa"  # decode
+    assert choose_kernel("auto", Call(16, 4096, backward=True, deterministic=False)) == "fsa"
+    assert choose_kernel("nsa", Call(1, 4096, **forward)) == "nsa"
+    assert choose_kernel("fsa", Call(16, 1, **forward)) == "fsa"
+    # Deterministic backward: the FSA kernel whatever impl asks.
+    assert choose_kernel("nsa", Call(16, 4096, backward=True, deterministic=True)) == "fsa"
+    assert choose_kernel("nsa", Call(16, 4096, backward=True, deterministic=False)) == "nsa"
 
 
 def test_impl_argument_is_validated():
@@ -130,19 +135,18 @@ def test_opcheck(varlen, impl):
 
 @pytest.mark.parametrize("budget", [1, 3000], ids=["one-token-chunks", "chunks-across-batch-rows"])
 @pytest.mark.parametrize("varlen", [False, True], ids=["dense", "varlen"])
-def test_fsa_in_token_chunks(monkeypatch, budget, varlen):
+def test_fsa_in_token_chunks(budget, varlen):
     """A small partial-buffer budget splits the FSA forward and backward into chunks of tokens, also across batch
     rows and sequences."""
-    # sys.modules: the package attribute ``fsa_compile.ops.selected_attention`` is the op, not the module.
-    monkeypatch.setattr(sys.modules["fsa_compile.ops.selected_attention"], "FSA_PARTIAL_BYTES", budget)
     batch, cu = (1, torch.tensor([0, 9, 23], dtype=torch.int32, device=DEVICE)) if varlen else (2, None)
     q, k, v = make_qkv(batch, 23, 30 if cu is None else 23, 4, 2, 16)
     indices = make_indices(batch, 23, 30 if cu is None else 23, 2, 8, 3, cu)
-    with selected_attention_path("fsa") as impl:
+    with _settings.override("fsa_partial_bytes", budget), selected_attention_path("fsa") as impl:
         out = torch.ops.fsa.selected_attention(q, k, v, indices, 8, None, cu, impl)
-    check_attention(
-        out, lambda q, k, v: reference.selected_attention(q, k, v, indices, 8, cu_seqlens=cu), (q, k, v), torch.float32
-    )
+        check_attention(
+            out, lambda q, k, v: reference.selected_attention(q, k, v, indices, 8, cu_seqlens=cu), (q, k, v),
+            torch.float32,
+        )
 
 
 def realistic_indices(batch, num_queries, hkv, block_size, topk):
@@ -174,7 +178,6 @@ def test_realistic_sizes_bf16(num_queries, group, impl):
 def test_launch_falls_back_once_when_settings_do_not_fit():
     import triton
 
-    module = sys.modules["fsa_compile.ops._launch"]
     tried = []
 
     def launch(settings):
@@ -184,9 +187,10 @@ def test_launch_falls_back_once_when_settings_do_not_fit():
         return settings["name"]
 
     chain = ({"name": "big"}, {"name": "medium"}, {"name": "small"})
-    key = ("test-kernel", object())
-    assert module.launch_fitting(launch, chain, key) == "medium"
-    assert module.launch_fitting(launch, chain, key) == "medium"
+    q, config = torch.empty(1, device=DEVICE), dict(G=3, D=5, test_only=object())
+    with _settings.override("selected_nsa", chain, dtype=q.dtype, group=3, head_dim=5):
+        assert _launch.launch_fitting("selected_nsa", launch, q, config) == "medium"
+        assert _launch.launch_fitting("selected_nsa", launch, q, config) == "medium"
     assert tried == ["big", "medium", "medium"]  # the misfit is not retried
 
 
@@ -207,11 +211,10 @@ def test_deterministic_algorithms_give_a_run_to_run_identical_backward(
     """torch.use_deterministic_algorithms(True): the FSA backward runs in its deterministic mode for every impl (no
     atomics: dk/dv partials summed in a fixed order), gradients are bitwise identical on repeated runs and equal
     the reference."""
-    module = sys.modules["fsa_compile.ops.selected_attention"]
     launched = []
 
-    def recording_fitted_kernel(kernel, grid):
-        launch = fitted_kernel(kernel, grid)
+    def recording_launcher(kernel, grid):
+        launch = launcher(kernel, grid)
 
         def record(*args, **kwargs):
             launched.append((kernel.__name__, kwargs.get("DETERMINISTIC")))
@@ -219,8 +222,8 @@ def test_deterministic_algorithms_give_a_run_to_run_identical_backward(
 
         return record
 
-    fitted_kernel = module.fitted_kernel
-    monkeypatch.setattr(module, "fitted_kernel", recording_fitted_kernel)
+    launcher = _selected_launchers.launcher
+    monkeypatch.setattr(_selected_launchers, "launcher", recording_launcher)
     cu = None if lengths is None else make_cu_seqlens(lengths)
     dtype = torch.bfloat16 if num_tokens > 1000 else torch.float32  # GPU sizes in the training dtype
     q, k, v = make_qkv(batch, num_tokens, num_tokens, hq, hkv, d, dtype=dtype)

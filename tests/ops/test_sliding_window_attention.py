@@ -1,10 +1,9 @@
-import sys
-
 import pytest
 import torch
 
 import fsa_compile
 from fsa_compile import reference
+from fsa_compile.ops import _settings
 from fsa_compile.ops.sliding_window_attention import sliding_window_attention, sliding_window_attention_backward
 from tests._testing import (
     ATTENTION_PATHS, DEVICE, SMALL_CASES, attention_path, case_params, check_attention, check_on_query_suffix,
@@ -82,11 +81,11 @@ def test_odd_groups_and_head_dims(group, d, path):
 
 
 @pytest.mark.parametrize("case", [SMALL_CASES[0], SMALL_CASES[4]], ids=lambda c: c.id)
-def test_backward_splits_the_tokens_of_a_key_tile_into_chunks(monkeypatch, case):
+def test_backward_splits_the_tokens_of_a_key_tile_into_chunks(case):
     """8-token chunks: the window's bound on the tokens that see a key sets the chunks, which must cover them."""
-    monkeypatch.setattr(sys.modules["fsa_compile.ops._masked_attention"], "DKDV_CHUNK_TOKENS", 8)
     q, k, v, cu = case.inputs(torch.float32)
-    with attention_path("triton", sliding_window_attention, sliding_window_attention_backward):
+    with _settings.override("masked_dkdv_chunk_tokens", 8), \
+            attention_path("triton", sliding_window_attention, sliding_window_attention_backward):
         out = fsa_compile.sliding_window_attention(q, k, v, 21, cu_seqlens=cu)
         check_attention(
             out, lambda q, k, v: reference.sliding_window_attention(q, k, v, 21, None, cu), (q, k, v), torch.float32

@@ -1,0 +1,88 @@
+"""Tuned launch settings and constants of the Triton kernels: one table, read by the launchers.
+
+A kernel's entry is a chain of settings: the tuned ones first, then smaller ones that the launcher tries in order
+when a kernel needs more shared memory than the GPU has (float32 inputs, head dims above 128). An entry can be
+given for one (dtype, G, D) and falls back to the kernel's general entry. The tune scripts in ``benchmarks/``
+try candidates through ``override``, never by rewriting this module.
+
+Where the numbers come from:
+- ``selected_fsa_*``, ``selected_nsa``: ``benchmarks/tune_selected.py`` on an H100 (torch 2.11, triton 3.6),
+  T = 64K, G in {1, 4}. block_m = query rows per dot; steps = dots per work item (a KV block is loaded once
+  per block_m * steps rows). The backward keeps dk/dv accumulators in registers, so it wants more warps.
+- ``masked_*`` (compressed and window attention), ``select_blocks``: ``benchmarks/tune_layer_kernels.py``,
+  T = 64K, G in {1, 4}, bf16, H200. BLOCK_M = rows per program (tokens x G heads), BLOCK_N = keys per step; the
+  dk/dv kernel owns BLOCK_N keys and steps over BLOCK_M rows of the tokens that see them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+_LAUNCH_SETTINGS: dict[tuple, object] = {
+    ("selected_fsa_fwd", None, None, None): (
+        dict(block_m=64, steps=16, num_warps=4, num_stages=1),
+        dict(block_m=16, steps=32, num_warps=4, num_stages=1),
+    ),
+    ("selected_fsa_bwd", None, None, None): (
+        dict(block_m=128, steps=16, num_warps=8, num_stages=2),
+        dict(block_m=64, steps=16, num_warps=4, num_stages=1),
+        dict(block_m=16, steps=32, num_warps=4, num_stages=1),
+    ),
+    ("selected_nsa", None, None, None): (dict(num_warps=4, num_stages=2), dict(num_warps=4, num_stages=1)),
+    ("masked_fwd", None, None, None): (
+        dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2),
+        dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=1),
+    ),
+    ("masked_bwd_dq", None, None, None): (
+        dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2),
+        dict(BLOCK_M=32, BLOCK_N=32, num_warps=4, num_stages=1),
+    ),
+    ("masked_bwd_dkdv", None, None, None): (
+        dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2),
+        dict(BLOCK_M=32, BLOCK_N=32, num_warps=4, num_stages=1),
+    ),
+    # rows = tokens x GP heads of the group per program.
+    ("select_blocks", None, None, None): (dict(rows=64, num_warps=4, num_stages=2),),
+    # The FSA forward keeps one partial output per (token, selected block), topk times the output, and the
+    # backward one partial dq; both run over chunks of tokens whose partials fit in this many bytes.
+    ("fsa_partial_bytes", None, None, None): 2 << 30,
+    # The masked dk/dv kernel splits the tokens that see one key tile into up to this many chunks of at least
+    # this many tokens, each its own program (compressed attention: the spans are long and uneven).
+    ("masked_dkdv_max_chunks", None, None, None): 8,
+    ("masked_dkdv_chunk_tokens", None, None, None): 4096,
+}
+
+
+def get(name: str, dtype: torch.dtype | None = None, group: int | None = None, head_dim: int | None = None):
+    """The setting ``name`` for (dtype, G, D): the most specific entry of the table."""
+    for key in ((name, dtype, group, head_dim), (name, dtype, group, None), (name, dtype, None, None),
+                (name, None, None, None)):
+        if key in _LAUNCH_SETTINGS:
+            return _LAUNCH_SETTINGS[key]
+    raise KeyError(f"no launch setting named {name!r}")
+
+
+@contextlib.contextmanager
+def override(name: str, value, dtype: torch.dtype | None = None, group: int | None = None,
+             head_dim: int | None = None):
+    """Use ``value`` for ``name`` (for one dtype/G/D, or all) inside the block; a chain of settings for a kernel,
+    a number for a constant. For tune scripts and tests."""
+    key = (name, dtype, group, head_dim)
+    get(name)  # a typo must not pass silently
+    missing = object()
+    previous = _LAUNCH_SETTINGS.get(key, missing)
+    _LAUNCH_SETTINGS[key] = value
+    try:
+        yield
+    finally:
+        if previous is missing:
+            del _LAUNCH_SETTINGS[key]
+        else:
+            _LAUNCH_SETTINGS[key] = previous
+
+
+def input_precision(dtype: torch.dtype) -> str:
+    """``tl.dot``'s input precision: IEEE-exact float32 dots (no TF32) for float32 inputs."""
+    return "ieee" if dtype == torch.float32 else "tf32"
