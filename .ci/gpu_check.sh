@@ -11,7 +11,8 @@
 #   bash .ci/gpu_check.sh models               # the decoder (compiled vs eager), train.py, the README's snippets
 #
 # The whole selected-attention file ran past one 10-minute device call on an H100 (2026-11-26); so did
-# compile + export together. The split is by test name; the pieces' times are not measured yet.
+# compile + export together. The split is by test name. Where pytest-xdist is installed (the H200 image has it)
+# each piece runs on 8 workers: the GPU has room for them and compile-heavy pieces are CPU-bound.
 #
 # Run from the repository root on the device machine. With the preinstalled CUDA torch, the package is used
 # from the checkout (PYTHONPATH); expecttest comes from a carried wheel in .whl/ when it is not installed.
@@ -33,7 +34,9 @@ nvidia-smi --query-gpu=name --format=csv,noheader | tee "$OUT/card.txt"
 run() {  # run NAME LIMIT_S PYTEST_ARGS...
     local name=$1 limit=$2
     shift 2
-    timeout "$limit" python -m pytest -q -rfE -p no:cacheprovider "$@" 2>&1 | tee "$OUT/$name.log" | tail -5
+    local workers=()
+    python -c "import xdist" 2>/dev/null && workers=(-n 8)
+    timeout "$limit" python -m pytest -q -rfE -p no:cacheprovider -p no:benchmark "${workers[@]}" "$@" 2>&1 | tee "$OUT/$name.log" | tail -5
 }
 
 case "${1:-}" in
@@ -42,7 +45,7 @@ case "${1:-}" in
     selected-rest) run selected-rest 560 tests/ops/test_selected_attention.py -k "not matches_reference" ;;
     ops-layer) run layer 560 tests/ops/test_compressed_attention.py tests/ops/test_sliding_window_attention.py \
         tests/ops/test_select_blocks.py tests/ops/test_compression_windows.py tests/test_modules.py \
-        tests/test_malformed_cu_seqlens.py ;;
+        tests/test_malformed_cu_seqlens.py tests/ops/test_layout.py tests/ops/test_library.py ;;
     compile) run compile 560 tests/test_compile.py -k "not over_layer_configs" ;;
     compile-grid) run compile-grid 560 tests/test_compile.py -k "over_layer_configs" ;;
     export) run export 560 tests/test_export.py tests/lowerings ;;

@@ -20,7 +20,9 @@ import torch
 
 from fsa_compile.ops import _launch, _library
 
-from ._compat import FakeTensor, FunctionalTensor, FunctionalTensorMode, MockTensor, export_keeps_custom_triton_ops, is_fake
+from ._compat import (
+    FakeTensor, FunctionalTensor, FunctionalTensorMode, MockTensor, export_keeps_custom_triton_ops, is_fake,
+)
 
 
 def traces_triton(args) -> bool:

@@ -17,7 +17,6 @@ check their values without a host sync, and a bad value must not become an out-o
 
 from __future__ import annotations
 
-from functools import cached_property
 from typing import NamedTuple
 
 import torch
@@ -75,6 +74,19 @@ class Segment(NamedTuple):
     first_position: int
 
 
+def _table(compute):
+    """A property computed on first use and kept for the call (not functools.cached_property: its lock in Python
+    3.11 stops torch.compile from tracing the layer)."""
+    name = compute.__name__
+
+    def get(self):
+        if name not in self._tables:
+            self._tables[name] = compute(self)
+        return self._tables[name]
+
+    return property(get, doc=compute.__doc__)
+
+
 class SequenceLayout:
     """The token layout of one call (see the module docstring).
 
@@ -94,6 +106,7 @@ class SequenceLayout:
         self.cu_seqlens_q = cu_seqlens_q
         self.cu_seqlens_k = cu_seqlens_q if cu_seqlens_k is None else cu_seqlens_k
         self.seqlens_k = seqlens_k
+        self._tables = {}
 
     @classmethod
     def of(cls, q: torch.Tensor, num_keys: int | None = None, cu_seqlens=None) -> SequenceLayout:
@@ -116,19 +129,19 @@ class SequenceLayout:
 
     # ---- device tables (sync-free) ------------------------------------------------------------------------
 
-    @cached_property
+    @_table
     def query_bounds(self) -> torch.Tensor:
         """int64 [N+1]: the packed query rows of each sequence, made safe to index with."""
         return sequence_bounds(self.cu_seqlens_q, self.num_queries)
 
-    @cached_property
+    @_table
     def key_bounds(self) -> torch.Tensor:
         """int64 [N+1]: the packed key rows of each sequence, made safe to index with."""
         if self.cu_seqlens_k is self.cu_seqlens_q and self.num_keys == self.num_queries:
             return self.query_bounds
         return sequence_bounds(self.cu_seqlens_k, self.num_keys)
 
-    @cached_property
+    @_table
     def query_sequence(self) -> torch.Tensor | None:
         """int64 [Tq]: the packed sequence of each query row; None when batched."""
         if not self.packed:
@@ -138,14 +151,14 @@ class SequenceLayout:
         # Not searchsorted(bounds[1:], ...): Inductor's CUDA lowering rejects sliced boundaries.
         return (torch.searchsorted(bounds, rows, right=True) - 1).clamp(0, bounds.shape[0] - 2)
 
-    @cached_property
+    @_table
     def fill(self) -> torch.Tensor | None:
         """int64 [B]: filled keys per batch row (``seqlens_k``, at least Tq and at most Tk); None otherwise."""
         if self.seqlens_k is None:
             return None
         return self.seqlens_k.long().clamp(self.num_queries, self.num_keys)
 
-    @cached_property
+    @_table
     def query_positions(self) -> torch.Tensor:
         """int64 [Tq] (``[B, Tq]`` with seqlens_k): position of each query within its sequence."""
         rows = torch.arange(self.num_queries, device=self.device)
@@ -155,22 +168,23 @@ class SequenceLayout:
             return rows + self.query_offset
         sequence = self.query_sequence
         query_start, key_start = self.query_bounds[sequence], self.key_bounds[sequence]
-        keys_before_queries = (self.key_bounds[sequence + 1] - key_start) - (self.query_bounds[sequence + 1] - query_start)
-        return rows - query_start + keys_before_queries.clamp(min=0)
+        num_queries = self.query_bounds[sequence + 1] - query_start
+        num_keys = self.key_bounds[sequence + 1] - key_start
+        return rows - query_start + (num_keys - num_queries).clamp(min=0)
 
-    @cached_property
+    @_table
     def query_key_starts(self) -> torch.Tensor:
         """int64 [Tq]: the key row where each query's sequence starts (0 when batched)."""
         if not self.packed:
             return torch.zeros(self.num_queries, dtype=torch.long, device=self.device)
         return self.key_bounds[self.query_sequence]
 
-    @cached_property
+    @_table
     def query_rows(self) -> torch.Tensor:
         """int64 [Tq]: the key row at each query's own position (its sequence's start + its position)."""
         return self.query_key_starts + self.query_positions
 
-    @cached_property
+    @_table
     def key_positions(self) -> torch.Tensor:
         """int64 [Tk]: position of each key within its sequence."""
         keys = SequenceLayout(self.batch, self.num_keys, self.num_keys, self.device, self.cu_seqlens_k)

@@ -29,8 +29,8 @@ def define_op(name: str, schema: str, *, torch_impl: Callable, fake: Callable, t
       switched off (``op.set_kernel_enabled("cpu", False)``).
     - Fake tensors: ``fake`` (metadata only).
 
-    ``check`` runs once per call on each of these paths, before the implementation. Add autograd with
-    ``register_attention_autograd``. Ops with a Triton implementation are listed for ``fsa_compile.lowerings``.
+    ``check`` runs once per call on each of these paths, before the implementation. Ops with a Triton implementation
+    are listed for ``fsa_compile.lowerings``. Attention ops with a backward op: ``define_attention_op``.
     """
 
     arguments = [(a.name, a.default_value if a.has_default_value() else None)
@@ -82,6 +82,22 @@ def attention_outputs_like(q: torch.Tensor, value_dim: int) -> tuple[torch.Tenso
 def attention_grads_like(q, k, v) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Empty contiguous (dq, dk, dv)."""
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+
+def define_attention_op(name: str, schema: str, *, check: Callable, torch_forward: Callable,
+                        triton_forward: Callable, torch_backward: Callable, triton_backward: Callable):
+    """``fsa::name(q, k, v, *rest) -> (o, lse)`` and ``fsa::name_backward(do, dlse, q, k, v, o, lse, *rest) ->
+    (dq, dk, dv)`` (its schema derived from ``schema``), with their fakes and autograd. -> (op, backward op)."""
+    arguments, _ = schema[1:].split(") -> ")
+    arguments = arguments.split(", ")
+    backward_schema = (f"(Tensor do, Tensor? dlse, {', '.join(arguments[:3])}, Tensor o, Tensor lse, "
+                       f"{', '.join(arguments[3:])}) -> (Tensor, Tensor, Tensor)")
+    forward_op = define_op(name, schema, check=check, torch_impl=torch_forward, triton_impl=triton_forward,
+                           fake=lambda q, k, v, *_: attention_outputs_like(q, v.shape[-1]))
+    backward_op = define_op(f"{name}_backward", backward_schema, torch_impl=torch_backward, triton_impl=triton_backward,
+                            fake=lambda do, dlse, q, k, v, *_: attention_grads_like(q, k, v))
+    register_attention_autograd(forward_op, backward_op)
+    return forward_op, backward_op
 
 
 def register_attention_autograd(forward_op, backward_op) -> None:

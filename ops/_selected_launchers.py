@@ -54,11 +54,12 @@ class Kernel(NamedTuple):
 def _launch_settings(q, k, v, indices, block_size, layout):
     config = dict(attention_config(q, k, v), TOPK=indices.shape[-1], BS=block_size,
                   BLOCK_S=next_power_of_2(block_size))
-    tables = dict(query_rows=layout.query_rows.to(torch.int32), sequence_starts=layout.query_key_starts.to(torch.int32))
+    tables = dict(query_rows=layout.query_rows.to(torch.int32),
+                  sequence_starts=layout.query_key_starts.to(torch.int32))
     return config, tables
 
 
-# ---- NSA --------------------------------------------------------------------------------------------------------
+# ---- NSA ---------------------------------------------------------------------------------------------------
 
 def _nsa_forward(q, k, v, indices, layout, block_size, scale, config, tables):
     o, lse = attention_outputs_like(q, v.shape[-1])
@@ -79,7 +80,7 @@ def _nsa_backward(do, q, k, v, lse, delta, indices, layout, block_size, scale, c
     ), q, dict(config, backward=True))
 
 
-# ---- FSA --------------------------------------------------------------------------------------------------------
+# ---- FSA ---------------------------------------------------------------------------------------------------
 
 def _token_chunks(indices, bytes_per_entry):
     """(first_token, indices [N, Hkv, topk]) chunks of the flattened tokens of ``indices [B, Tq, Hkv, topk]`` whose
@@ -168,7 +169,7 @@ def _fsa_backward(do, q, k, v, lse, delta, indices, layout, block_size, scale, c
         )
 
 
-# ---- the table --------------------------------------------------------------------------------------------------
+# ---- the table ---------------------------------------------------------------------------------------------
 
 # Measured on an H100 (benchmarks/bench_selected.py). Forward: the NSA kernel pads each group to 16 rows per dot,
 # so at small G most of its tensor-core work is padding and FSA wins; at G >= 16 the padding is gone and NSA, which

@@ -20,16 +20,12 @@ import torch
 from . import _torch_attention as torch_attention
 from . import _validation as check
 from ._layout import SequenceLayout, visible_compressed
-from ._library import (
-    attention_grads_like, attention_outputs_like, define_op, register_attention_autograd, resolve_scale,
-)
+from ._library import define_attention_op, resolve_scale
 from ._masked_attention import masked_attention_backward, masked_attention_forward
 
 SCHEMA = ("(Tensor q, Tensor k_cmp, Tensor v_cmp, SymInt kernel_size, SymInt kernel_stride, float? scale=None, "
           "Tensor? cu_seqlens=None, SymInt? seqlen_k=None) -> (Tensor, Tensor)")
-BACKWARD_SCHEMA = ("(Tensor do, Tensor? dlse, Tensor q, Tensor k_cmp, Tensor v_cmp, Tensor o, Tensor lse, "
-                   "SymInt kernel_size, SymInt kernel_stride, float? scale=None, Tensor? cu_seqlens=None, "
-                   "SymInt? seqlen_k=None) -> (Tensor, Tensor, Tensor)")
+
 
 
 def _check_inputs(q, k_cmp, v_cmp, kernel_size, kernel_stride, scale, cu_seqlens, seqlen_k) -> None:
@@ -40,7 +36,7 @@ def _check_inputs(q, k_cmp, v_cmp, kernel_size, kernel_stride, scale, cu_seqlens
     check.check_compressed_keys("k_cmp", k_cmp, q, num_keys, kernel_size, kernel_stride)
 
 
-# ---- CPU path ---------------------------------------------------------------------------------------------------
+# ---- CPU path ----------------------------------------------------------------------------------------------
 
 def visible_compressed_keys(positions: range, num_cmp: int, kernel_size: int, kernel_stride: int, device):
     """Compressed keys a chunk of queries at ``positions`` can see: (slice(0, hi), mask [C, hi])."""
@@ -78,7 +74,7 @@ def _backward_torch(do, dlse, q, k_cmp, v_cmp, o, lse, kernel_size, kernel_strid
     )
 
 
-# ---- CUDA path --------------------------------------------------------------------------------------------------
+# ---- CUDA path ---------------------------------------------------------------------------------------------
 
 def _forward_triton(q, k_cmp, v_cmp, kernel_size, kernel_stride, scale, cu_seqlens, seqlen_k):
     spans = SequenceLayout.of(q, seqlen_k, cu_seqlens).compressed_spans(kernel_size, kernel_stride)
@@ -90,14 +86,9 @@ def _backward_triton(do, dlse, q, k_cmp, v_cmp, o, lse, kernel_size, kernel_stri
     return masked_attention_backward(do, dlse, q, k_cmp, v_cmp, o, lse, *spans, resolve_scale(scale, q.shape[-1]))
 
 
-# ---- registration -----------------------------------------------------------------------------------------------
+# ---- registration ------------------------------------------------------------------------------------------
 
-compressed_attention = define_op(
-    "compressed_attention", SCHEMA, check=_check_inputs, torch_impl=_forward_torch, triton_impl=_forward_triton,
-    fake=lambda q, k_cmp, v_cmp, *_: attention_outputs_like(q, v_cmp.shape[-1]),
+compressed_attention, compressed_attention_backward = define_attention_op(
+    "compressed_attention", SCHEMA, check=_check_inputs, torch_forward=_forward_torch, triton_forward=_forward_triton,
+    torch_backward=_backward_torch, triton_backward=_backward_triton,
 )
-compressed_attention_backward = define_op(
-    "compressed_attention_backward", BACKWARD_SCHEMA, torch_impl=_backward_torch, triton_impl=_backward_triton,
-    fake=lambda do, dlse, q, k_cmp, v_cmp, *_: attention_grads_like(q, k_cmp, v_cmp),
-)
-register_attention_autograd(compressed_attention, compressed_attention_backward)

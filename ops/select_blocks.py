@@ -63,7 +63,7 @@ def _check_inputs(
     check.check_compressed_keys("k_cmp", k_cmp, q, num_keys, kernel_size, kernel_stride)
 
 
-# ---- CPU path ---------------------------------------------------------------------------------------------------
+# ---- CPU path ----------------------------------------------------------------------------------------------
 
 def _pool_onto_blocks(probs, kernel_size, kernel_stride, block_size, num_blocks):
     """Block scores from window probabilities: ``scores[..., j] = sum_i probs[..., i] * w(i, j)``.
@@ -130,7 +130,7 @@ def _select_blocks_torch(
     return out
 
 
-# ---- CUDA path --------------------------------------------------------------------------------------------------
+# ---- CUDA path ---------------------------------------------------------------------------------------------
 
 def _tiles(q, num_cmp, kernel_size, kernel_stride, tile_tokens, layout):
     """int32 tables of the token tiles, each inside one sequence: first flattened row, end row of its sequence,
@@ -199,7 +199,7 @@ def _select_blocks_triton(
     return indices
 
 
-# ---- registration -----------------------------------------------------------------------------------------------
+# ---- registration ------------------------------------------------------------------------------------------
 
 select_blocks = define_op(
     "select_blocks", SCHEMA, check=_check_inputs, torch_impl=_select_blocks_torch, triton_impl=_select_blocks_triton,

@@ -30,18 +30,14 @@ from . import _selected_launchers as launchers
 from . import _torch_attention as torch_attention
 from . import _validation as check
 from ._layout import SequenceLayout
-from ._library import (
-    attention_grads_like, attention_outputs_like, define_op, register_attention_autograd, resolve_scale,
-)
+from ._library import define_attention_op, resolve_scale
 
 # Named ``impl`` rather than ``kernel``: Inductor's FallbackKernel.create() takes a ``kernel`` argument of its
 # own and fails to lower an op with an argument of that name.
 IMPLS = launchers.IMPLS
 SCHEMA = ("(Tensor q, Tensor k, Tensor v, Tensor indices, SymInt block_size, float? scale=None, "
           "Tensor? cu_seqlens=None, str impl=\"auto\") -> (Tensor, Tensor)")
-BACKWARD_SCHEMA = ("(Tensor do, Tensor? dlse, Tensor q, Tensor k, Tensor v, Tensor o, Tensor lse, Tensor indices, "
-                   "SymInt block_size, float? scale=None, Tensor? cu_seqlens=None, str impl=\"auto\") "
-                   "-> (Tensor, Tensor, Tensor)")
+
 
 
 def _check_inputs(q, k, v, indices, block_size, scale, cu_seqlens, impl) -> None:
@@ -54,7 +50,7 @@ def _check_inputs(q, k, v, indices, block_size, scale, cu_seqlens, impl) -> None
     check.check_keys_cover_queries(q, k)
 
 
-# ---- CPU path ---------------------------------------------------------------------------------------------------
+# ---- CPU path ----------------------------------------------------------------------------------------------
 
 def _repeats_earlier_slot(blocks: torch.Tensor) -> torch.Tensor:
     """bool [..., topk]: the slot's block also sits at an earlier slot of its row (attended once, at the first)."""
@@ -98,14 +94,9 @@ def _backward_torch(do, dlse, q, k, v, o, lse, indices, block_size, scale, cu_se
     )
 
 
-# ---- CUDA path: _selected_launchers.forward / backward; registration -----------------------------------------------------------------------------------------------
+# ---- CUDA path (_selected_launchers.forward / backward) and registration -----------------------------------
 
-selected_attention = define_op(
-    "selected_attention", SCHEMA, check=_check_inputs, torch_impl=_forward_torch, triton_impl=launchers.forward,
-    fake=lambda q, k, v, *_: attention_outputs_like(q, v.shape[-1]),
+selected_attention, selected_attention_backward = define_attention_op(
+    "selected_attention", SCHEMA, check=_check_inputs, torch_forward=_forward_torch, triton_forward=launchers.forward,
+    torch_backward=_backward_torch, triton_backward=launchers.backward,
 )
-selected_attention_backward = define_op(
-    "selected_attention_backward", BACKWARD_SCHEMA, torch_impl=_backward_torch, triton_impl=launchers.backward,
-    fake=lambda do, dlse, q, k, v, *_: attention_grads_like(q, k, v),
-)
-register_attention_autograd(selected_attention, selected_attention_backward)

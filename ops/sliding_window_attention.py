@@ -15,15 +15,12 @@ import torch
 from . import _torch_attention as torch_attention
 from . import _validation as check
 from ._layout import SequenceLayout
-from ._library import (
-    attention_grads_like, attention_outputs_like, define_op, register_attention_autograd, resolve_scale,
-)
+from ._library import define_attention_op, resolve_scale
 from ._masked_attention import masked_attention_backward, masked_attention_forward
 
 SCHEMA = ("(Tensor q, Tensor k, Tensor v, SymInt window_size, float? scale=None, Tensor? cu_seqlens=None) "
           "-> (Tensor, Tensor)")
-BACKWARD_SCHEMA = ("(Tensor do, Tensor? dlse, Tensor q, Tensor k, Tensor v, Tensor o, Tensor lse, SymInt window_size, "
-                   "float? scale=None, Tensor? cu_seqlens=None) -> (Tensor, Tensor, Tensor)")
+
 
 
 def _check_inputs(q, k, v, window_size, scale, cu_seqlens) -> None:
@@ -33,7 +30,7 @@ def _check_inputs(q, k, v, window_size, scale, cu_seqlens) -> None:
     check.check_keys_cover_queries(q, k)
 
 
-# ---- CPU path ---------------------------------------------------------------------------------------------------
+# ---- CPU path ----------------------------------------------------------------------------------------------
 
 def _plan(q, k, window_size, cu_seqlens):
     """Segments and the key selector of the CPU kernel."""
@@ -63,7 +60,7 @@ def _backward_torch(do, dlse, q, k, v, o, lse, window_size, scale, cu_seqlens):
     )
 
 
-# ---- CUDA path --------------------------------------------------------------------------------------------------
+# ---- CUDA path ---------------------------------------------------------------------------------------------
 
 def _forward_triton(q, k, v, window_size, scale, cu_seqlens):
     spans = SequenceLayout.of(q, k.shape[1], cu_seqlens).window_spans(window_size)
@@ -77,14 +74,9 @@ def _backward_triton(do, dlse, q, k, v, o, lse, window_size, scale, cu_seqlens):
     )
 
 
-# ---- registration -----------------------------------------------------------------------------------------------
+# ---- registration ------------------------------------------------------------------------------------------
 
-sliding_window_attention = define_op(
-    "sliding_window_attention", SCHEMA, check=_check_inputs, torch_impl=_forward_torch, triton_impl=_forward_triton,
-    fake=lambda q, k, v, *_: attention_outputs_like(q, v.shape[-1]),
+sliding_window_attention, sliding_window_attention_backward = define_attention_op(
+    "sliding_window_attention", SCHEMA, check=_check_inputs, torch_forward=_forward_torch, triton_forward=_forward_triton,
+    torch_backward=_backward_torch, triton_backward=_backward_triton,
 )
-sliding_window_attention_backward = define_op(
-    "sliding_window_attention_backward", BACKWARD_SCHEMA, torch_impl=_backward_torch, triton_impl=_backward_triton,
-    fake=lambda do, dlse, q, k, v, *_: attention_grads_like(q, k, v),
-)
-register_attention_autograd(sliding_window_attention, sliding_window_attention_backward)
