@@ -8,7 +8,7 @@
 #   bash .ci/gpu_check.sh compile              # compile, CUDA graphs, CUDA launch-settings fit
 #   bash .ci/gpu_check.sh compile-grid         # compiled vs eager gradients over 12 layer configs (~25 s each)
 #   bash .ci/gpu_check.sh export               # export, AOTI, the Inductor kernel-list pins
-#   bash .ci/gpu_check.sh models               # the decoder (compiled vs eager), train.py, the README's snippets
+#   bash .ci/gpu_check.sh models               # the decoder (compiled vs eager), train.py, the README's snippets, the KV cache, generate.py
 #
 # The whole selected-attention file ran past one 10-minute device call on an H100 (2026-11-26); so did
 # compile + export together. The split is by test name. Where pytest-xdist is installed (the H200 image has it)
@@ -49,5 +49,6 @@ case "${1:-}" in
     compile) run compile 560 tests/test_compile.py -k "not over_layer_configs" ;;
     compile-grid) run compile-grid 560 tests/test_compile.py -k "over_layer_configs" ;;
     export) run export 560 tests/test_export.py tests/lowerings ;;
-    models) run models 560 tests/models tests/test_train.py tests/test_readme.py ;;
+    models) run models 560 tests/models tests/test_train.py tests/test_readme.py tests/test_kv_cache.py \
+        tests/test_generate.py ;;
 esac

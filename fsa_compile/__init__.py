@@ -15,6 +15,7 @@ from fsa_compile.functional import (
     selected_attention,
     sliding_window_attention,
 )
+from fsa_compile.kv_cache import NSACache
 from fsa_compile.modules import FlashSparseAttention
 
 lowerings.register()
@@ -23,6 +24,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "FlashSparseAttention",
+    "NSACache",
     "check_cu_seqlens",
     "compress",
     "compressed_attention",

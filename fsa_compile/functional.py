@@ -123,20 +123,25 @@ def nsa_attention(
     q: Tensor, k: Tensor, v: Tensor, k_cmp: Tensor, v_cmp: Tensor, gates: Tensor, *,
     kernel_size: int, kernel_stride: int, block_size: int, topk: int, init_blocks: int, local_blocks: int,
     window_size: int, scale: float | None = None, cu_seqlens: Tensor | None = None, impl: str = "auto",
+    seqlen_k: int | None = None,
 ) -> Tensor:
     """The three NSA branches combined: ``g_cmp * o_cmp + g_slc * o_slc + g_win * o_win``.
 
     Args:
-        q: [B, T, Hq, D]; k, v: [B, T, Hkv, D] (after RoPE); k_cmp, v_cmp: [B, Tc, Hkv, D] (from ``compress``).
-        gates: [B, T, Hq, 3] branch weights (already through the sigmoid), ordered (cmp, slc, win).
+        q: [B, Tq, Hq, D]; k, v: [B, Tk, Hkv, D] (after RoPE); k_cmp, v_cmp: [B, Tc, Hkv, D] (from ``compress``).
+        gates: [B, Tq, Hq, 3] branch weights (already through the sigmoid), ordered (cmp, slc, win).
         impl: the selected-attention kernel (``selected_attention``'s ``impl``). Default: ``"auto"``.
+        seqlen_k: Tk when queries are the last Tq < Tk tokens (a KV cache); must equal ``k.shape[1]``.
+            Default: None (Tq = Tk).
     Returns:
         [B, T, Hq, Dv] in q's dtype.
     """
-    o_cmp, lse_cmp = compressed_attention(q, k_cmp, v_cmp, kernel_size, kernel_stride, scale, cu_seqlens)
+    if seqlen_k is not None and seqlen_k != k.shape[1]:
+        raise ValueError(f"seqlen_k must equal k.shape[1]={k.shape[1]}, got {seqlen_k}")
+    o_cmp, lse_cmp = compressed_attention(q, k_cmp, v_cmp, kernel_size, kernel_stride, scale, cu_seqlens, seqlen_k)
     indices = select_blocks(
         q, k_cmp, lse_cmp, kernel_size, kernel_stride, block_size, topk, init_blocks, local_blocks, scale,
-        cu_seqlens,
+        cu_seqlens, seqlen_k,
     )
     o_slc, _ = selected_attention(q, k, v, indices, block_size, scale, cu_seqlens, impl)
     o_win, _ = sliding_window_attention(q, k, v, window_size, scale, cu_seqlens)

@@ -7,6 +7,7 @@ from torch import Tensor, nn
 
 from fsa_compile.compression import compress, rotary_embedding
 from fsa_compile.functional import nsa_attention
+from fsa_compile.kv_cache import NSACache
 from fsa_compile.ops import SELECTED_IMPLS, SequenceLayout, max_compressed_rows
 
 
@@ -30,7 +31,8 @@ class FlashSparseAttention(nn.Module):
             ``fsa_compile.selected_attention``). Default: ``"auto"``.
     Shapes:
         forward(x [B, T, hidden_size], cu_seqlens: int32 [N+1] or None) -> [B, T, hidden_size];
-        with cu_seqlens, x is packed as [1, total, hidden_size].
+        with cu_seqlens, x is packed as [1, total, hidden_size]. With ``cache=NSACache(layer, ...)``, x's tokens
+        follow the cached ones and are appended to the cache (inference).
     """
 
     def __init__(
@@ -92,11 +94,7 @@ class FlashSparseAttention(nn.Module):
         if x.dim() != 3 or x.shape[-1] != self.hidden_size:
             raise ValueError(f"x must be [B, T, hidden_size={self.hidden_size}], got shape {tuple(x.shape)}")
         batch, num_tokens, _ = x.shape
-        q = self.q_proj(x).view(batch, num_tokens, self.num_heads, self.head_dim)
-        k = self.k_proj(x).view(batch, num_tokens, self.num_kv_heads, self.head_dim)
-        v = self.v_proj(x).view(batch, num_tokens, self.num_kv_heads, self.head_dim)
-        gates = torch.sigmoid(self.gate_proj(x)).view(batch, num_tokens, self.num_heads, 3)
-
+        q, k, v, gates = self._heads(x)
         ks, stride = self.kernel_size, self.kernel_stride
         # A symbolic T (torch.export, dynamic=True) gets T // stride + 2 compressed rows, zero past Tc: Tc itself
         # would branch on T >= kernel_size, and export could not cover T from 1. A concrete T gets Tc.
@@ -111,8 +109,25 @@ class FlashSparseAttention(nn.Module):
         k_cmp = rotary_embedding(k_cmp, cmp_positions, self.rope_theta)
         return dict(q=q, k=k, v=v, k_cmp=k_cmp, v_cmp=v_cmp, gates=gates)
 
-    def forward(self, x: Tensor, cu_seqlens: Tensor | None = None) -> Tensor:
-        branches = self.project(x, cu_seqlens)
+    def _heads(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """q [B, T, Hq, D], k, v [B, T, Hkv, D] before RoPE, gates [B, T, Hq, 3]."""
+        batch, num_tokens, _ = x.shape
+        q = self.q_proj(x).view(batch, num_tokens, self.num_heads, self.head_dim)
+        k = self.k_proj(x).view(batch, num_tokens, self.num_kv_heads, self.head_dim)
+        v = self.v_proj(x).view(batch, num_tokens, self.num_kv_heads, self.head_dim)
+        gates = torch.sigmoid(self.gate_proj(x)).view(batch, num_tokens, self.num_heads, 3)
+        return q, k, v, gates
+
+    def forward(self, x: Tensor, cu_seqlens: Tensor | None = None, cache: NSACache | None = None) -> Tensor:
+        if cache is not None:
+            if cu_seqlens is not None:
+                raise ValueError("a cache takes batched x [B, n, hidden], not packed sequences (cu_seqlens)")
+            if x.dim() != 3 or x.shape[-1] != self.hidden_size:
+                raise ValueError(f"x must be [B, n, hidden_size={self.hidden_size}], got shape {tuple(x.shape)}")
+            q, k, v, gates = self._heads(x)
+            branches = dict(cache.append(q, k, v), gates=gates)
+        else:
+            branches = self.project(x, cu_seqlens)
         o = nsa_attention(
             **branches, kernel_size=self.kernel_size, kernel_stride=self.kernel_stride, block_size=self.block_size,
             topk=self.topk, init_blocks=self.init_blocks, local_blocks=self.local_blocks,

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fsa_compile.compression import rotary_embedding
+from fsa_compile.kv_cache import NSACache
 from fsa_compile.modules import FlashSparseAttention
 from fsa_compile.ops import SequenceLayout
 
@@ -147,13 +148,19 @@ class DecoderBlock(nn.Module):
         self.mlp_norm = nn.RMSNorm(c.hidden_size, eps=c.norm_eps, **factory)
         self.mlp = SwiGLU(c.hidden_size, c.intermediate_size, **factory)
 
-    def forward(self, x: Tensor, cu_seqlens: Tensor | None = None) -> Tensor:
-        x = x + self.attention(self.attention_norm(x), cu_seqlens)
+    def forward(self, x: Tensor, cu_seqlens: Tensor | None = None, cache: NSACache | None = None) -> Tensor:
+        if cache is None:
+            x = x + self.attention(self.attention_norm(x), cu_seqlens)
+        else:
+            x = x + self.attention(self.attention_norm(x), cache=cache)
         return x + self.mlp(self.mlp_norm(x))
 
 
 class Transformer(nn.Module):
-    """A Llama-style decoder. forward(tokens int64 [B, T], cu_seqlens=None) -> logits [B, T, vocab_size]."""
+    """A Llama-style decoder. forward(tokens int64 [B, T], cu_seqlens=None) -> logits [B, T, vocab_size].
+
+    Inference: ``cache = model.make_cache(batch_size, max_seqlen)``, then ``model(tokens, cache=cache)`` for each
+    chunk of tokens (a prompt, then one token per step) returns their logits, as one full forward would."""
 
     def __init__(self, config: ModelConfig, device=None, dtype=None):
         super().__init__()
@@ -191,14 +198,22 @@ class Transformer(nn.Module):
             block.mlp_norm.reset_parameters()
         self.norm.reset_parameters()
 
-    def forward(self, tokens: Tensor, cu_seqlens: Tensor | None = None) -> Tensor:
+    def make_cache(self, batch_size: int, max_seqlen: int, device=None, dtype=None) -> list[NSACache]:
+        """One ``NSACache`` per layer (NSA attention only)."""
+        if self.config.attention != "nsa":
+            raise ValueError(f"a KV cache serves NSA attention; this model has attention={self.config.attention!r}")
+        return [NSACache(block.attention, batch_size, max_seqlen, device, dtype) for block in self.layers]
+
+    def forward(self, tokens: Tensor, cu_seqlens: Tensor | None = None, cache: list[NSACache] | None = None) -> Tensor:
         if tokens.dim() != 2:
             raise ValueError(f"tokens must be [B, T] int64, got shape {tuple(tokens.shape)}")
         if cu_seqlens is not None and tokens.shape[0] != 1:
             raise ValueError(f"packed tokens (cu_seqlens given) must be [1, total], got shape {tuple(tokens.shape)}")
+        if cache is not None and len(cache) != len(self.layers):
+            raise ValueError(f"cache must hold one NSACache per layer ({len(self.layers)}), got {len(cache)}")
         x = self.embedding(tokens)
-        for block in self.layers:
-            x = block(x, cu_seqlens)
+        for i, block in enumerate(self.layers):
+            x = block(x, cu_seqlens) if cache is None else block(x, cache=cache[i])
         return self.head(self.norm(x))
 
     def num_parameters(self) -> int:
