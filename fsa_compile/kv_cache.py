@@ -28,6 +28,8 @@ class NSACache:
     """
 
     def __init__(self, layer, batch_size: int, max_seqlen: int, device=None, dtype=None):
+        if not hasattr(layer, "compress_key"):
+            raise TypeError(f"layer must be a FlashSparseAttention, got {type(layer).__name__}")
         if batch_size < 1 or max_seqlen < 1:
             raise ValueError(f"batch_size and max_seqlen must be >= 1, got {batch_size} and {max_seqlen}")
         weight = layer.k_proj.weight

@@ -33,7 +33,8 @@ def attention_config(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> dict:
 
 
 def launcher(kernel, grid):
-    """``wrap_triton(kernel)[grid]``: launches directly in eager mode, records a launch while traced."""
+    """``wrap_triton(kernel)[grid]``: a direct launch in eager mode; while ``fsa_compile.lowerings`` traces the op, a
+    traced launch, after the check it installed (``checking_traced_launches``)."""
     launch = wrap_triton(kernel)[grid]
     check = _traced_launch_check
     if check is None:

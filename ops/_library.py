@@ -50,11 +50,11 @@ def define_op(name: str, schema: str, *, torch_impl: Callable, fake: Callable, t
 
     torch_path, triton_path = checked(torch_impl), checked(triton_impl) if triton_impl else None
 
-    def device_path(*args):
+    def device_path(*args, **kwargs):
         if triton_path is None or args[0].dtype == torch.float64:
-            return torch_path(*args)
+            return torch_path(*args, **kwargs)
         with set_wrap_triton_enabled(False):  # real tensors: launch directly, skip the HOP (as triton_op does)
-            return triton_path(*args)
+            return triton_path(*args, **kwargs)
 
     op = torch.library.custom_op(op_name(name), device_path, mutates_args=(), schema=schema)
     op.register_kernel("cpu")(torch_path)

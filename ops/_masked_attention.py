@@ -1,4 +1,5 @@
-"""Launchers of the masked flash-attention kernels (``_kernels/masked_attention.py``) of compressed and window attention.
+"""Launchers of the masked flash-attention kernels (``_kernels/masked_attention.py``): compressed and window
+attention.
 
 Compressed and window attention both give each query token t a contiguous span of key rows
 ``[key_lo[t], key_hi[t])`` that only moves forward with t (``SequenceLayout.compressed_spans`` / ``window_spans``).

@@ -126,3 +126,5 @@ def test_cache_errors_and_reset():
                                    attention="full"))
     with pytest.raises(ValueError, match="a KV cache serves NSA attention"):
         full.make_cache(1, 8)
+    with pytest.raises(TypeError, match="layer must be a FlashSparseAttention, got FullCausalAttention"):
+        fsa_compile.NSACache(full.layers[0].attention, 1, 8)
