@@ -5,8 +5,9 @@ loops over tokens, and shares no code with ``ops/`` or the rest of the package. 
 against these functions; nothing else should call them.
 
 Conventions (DESIGN.md): token-major ``q [B, Tq, Hq, D]``, ``k, v [B, Tk, Hkv, D]``; query ``i`` sits at
-position ``Tk - Tq + i``; with ``cu_seqlens`` (``B == 1``, ``Tq == Tk``) every sequence is independent and
-positions restart at 0; query head ``h`` uses KV head ``h // G``.
+position ``Tk - Tq + i``; with ``cu_seqlens`` (``B == 1``) every sequence is independent and positions restart
+at 0; ``cu_seqlens_k`` packs the keys on their own (default: the queries' ``cu_seqlens``), and a sequence's queries
+are the last of its keys; query head ``h`` uses KV head ``h // G``.
 """
 
 from __future__ import annotations
@@ -38,14 +39,19 @@ def _num_windows(length: int, kernel_size: int, kernel_stride: int) -> int:
     return max(0, (length - kernel_size) // kernel_stride + 1)
 
 
-def _compressed_sequences(tq, tk, kernel_size, kernel_stride, cu_seqlens):
-    """(query start, query end, first compressed row, number of raw keys) of every sequence."""
+def _query_key_spans(tq, tk, cu_seqlens, cu_seqlens_k):
+    """((query start, query end), (key start, key end)) of every sequence."""
     if cu_seqlens is None:
-        return [(0, tq, 0, tk)]
+        return [((0, tq), (0, tk))]
+    return list(zip(_spans(tq, cu_seqlens), _spans(tk, cu_seqlens if cu_seqlens_k is None else cu_seqlens_k)))
+
+
+def _compressed_sequences(tq, tk, kernel_size, kernel_stride, cu_seqlens, cu_seqlens_k=None):
+    """(query start, query end, first compressed row, number of raw keys) of every sequence."""
     seqs, offset = [], 0
-    for start, end in _spans(tq, cu_seqlens):
-        seqs.append((start, end, offset, end - start))
-        offset += _num_windows(end - start, kernel_size, kernel_stride)
+    for (start, end), (key_start, key_end) in _query_key_spans(tq, tk, cu_seqlens, cu_seqlens_k):
+        seqs.append((start, end, offset, key_end - key_start))
+        offset += _num_windows(key_end - key_start, kernel_size, kernel_stride)
     return seqs
 
 
@@ -66,7 +72,7 @@ def _dense_attention(q, k, v, allowed, scale):
     return torch.einsum("qhk,khd->qhd", probs, v), lse
 
 
-def _attention(q, k, v, scale, cu_seqlens, mask_fn):
+def _attention(q, k, v, scale, cu_seqlens, mask_fn, cu_seqlens_k=None):
     """Run ``_dense_attention`` per batch row and sequence.
 
     ``mask_fn(query_pos [Tq], num_keys) -> allowed [Tq, Hq or 1, Tk]``; positions are within the sequence.
@@ -79,11 +85,7 @@ def _attention(q, k, v, scale, cu_seqlens, mask_fn):
     for b in range(batch):
         out_b = []
         lse_b = []
-        if cu_seqlens is None:
-            spans = [((0, tq), (0, tk))]
-        else:
-            spans = [(s, s) for s in _spans(tq, cu_seqlens)]
-        for (qs, qe), (ks, ke) in spans:
+        for (qs, qe), (ks, ke) in _query_key_spans(tq, tk, cu_seqlens, cu_seqlens_k):
             nq, nk = qe - qs, ke - ks
             query_pos = torch.arange(nq, device=q.device) + (nk - nq)
             allowed = mask_fn(query_pos, nk, b, qs).expand(nq, hq, nk)
@@ -131,7 +133,8 @@ def compress(x, weight, pos_emb, kernel_size, kernel_stride, cu_seqlens=None):
     return out
 
 
-def compressed_attention(q, k_cmp, v_cmp, kernel_size, kernel_stride, scale=None, cu_seqlens=None, seqlen_k=None):
+def compressed_attention(q, k_cmp, v_cmp, kernel_size, kernel_stride, scale=None, cu_seqlens=None, seqlen_k=None,
+                         cu_seqlens_k=None):
     """Query at position t sees compressed key i iff ``t >= i*kernel_stride + kernel_size - 1``.
 
     q [B, Tq, Hq, D], k_cmp/v_cmp [B, Tc, Hkv, D] -> o [B, Tq, Hq, Dv], lse [B, Tq, Hq].
@@ -142,7 +145,7 @@ def compressed_attention(q, k_cmp, v_cmp, kernel_size, kernel_stride, scale=None
     tk = tq if seqlen_k is None else seqlen_k
     outs, lses = [], []
     for b in range(batch):
-        seqs = _compressed_sequences(tq, tk, kernel_size, kernel_stride, cu_seqlens)
+        seqs = _compressed_sequences(tq, tk, kernel_size, kernel_stride, cu_seqlens, cu_seqlens_k)
         o_b, lse_b = [], []
         for qs, qe, cs, nk in seqs:
             nq = qe - qs
@@ -158,7 +161,8 @@ def compressed_attention(q, k_cmp, v_cmp, kernel_size, kernel_stride, scale=None
     return torch.stack(outs), torch.stack(lses)
 
 
-def block_scores(q, k_cmp, lse, kernel_size, kernel_stride, block_size, scale=None, cu_seqlens=None, seqlen_k=None):
+def block_scores(q, k_cmp, lse, kernel_size, kernel_stride, block_size, scale=None, cu_seqlens=None, seqlen_k=None,
+                 cu_seqlens_k=None):
     """Selection score of every key block, token by token, exactly as DESIGN.md states it.
 
     ``score[b, t, h, j] = sum_i (sum_{hq in group h} exp(q_hq . k_cmp_i * scale - lse[hq])) * w(i, j)`` over
@@ -175,7 +179,7 @@ def block_scores(q, k_cmp, lse, kernel_size, kernel_stride, block_size, scale=No
     max_blocks = -(-tk // block_size)
     out = torch.full((batch, tq, hkv, max_blocks), float("-inf"), dtype=torch.float64)
     for b in range(batch):
-        seqs = _compressed_sequences(tq, tk, kernel_size, kernel_stride, cu_seqlens)
+        seqs = _compressed_sequences(tq, tk, kernel_size, kernel_stride, cu_seqlens, cu_seqlens_k)
         for qs, qe, cs, nk in seqs:
             nq = qe - qs
             nc = _num_windows(nk, kernel_size, kernel_stride)
@@ -200,7 +204,7 @@ def block_scores(q, k_cmp, lse, kernel_size, kernel_stride, block_size, scale=No
 
 def select_blocks(
     q, k_cmp, lse, kernel_size, kernel_stride, block_size, topk, init_blocks, local_blocks,
-    scale=None, cu_seqlens=None, seqlen_k=None,
+    scale=None, cu_seqlens=None, seqlen_k=None, cu_seqlens_k=None,
 ):
     """Top-k key blocks per (query token, KV head): forced blocks first, then the highest ``block_scores``.
 
@@ -208,7 +212,8 @@ def select_blocks(
     lower j. Returns int32 [B, Tq, Hkv, topk], ascending, -1 last.
     """
     q, k_cmp, lse = q.detach(), k_cmp.detach(), lse.detach()
-    scores = block_scores(q, k_cmp, lse, kernel_size, kernel_stride, block_size, scale, cu_seqlens, seqlen_k)
+    scores = block_scores(q, k_cmp, lse, kernel_size, kernel_stride, block_size, scale, cu_seqlens, seqlen_k,
+                          cu_seqlens_k)
     batch, tq, hkv, _ = scores.shape
     out = torch.full((batch, tq, hkv, topk), -1, dtype=torch.int32)
     for b in range(batch):
@@ -226,7 +231,7 @@ def select_blocks(
     return out.to(q.device)
 
 
-def selected_attention(q, k, v, indices, block_size, scale=None, cu_seqlens=None):
+def selected_attention(q, k, v, indices, block_size, scale=None, cu_seqlens=None, cu_seqlens_k=None):
     """Query at position t, head h attends the keys ``s <= t`` of blocks ``indices[b, t, h // G, :]``.
 
     Block indices outside ``[0, t // block_size]`` count as empty. -> o [B, Tq, Hq, Dv], lse [B, Tq, Hq].
@@ -242,10 +247,10 @@ def selected_attention(q, k, v, indices, block_size, scale=None, cu_seqlens=None
         chosen = in_block.any(dim=2).repeat_interleave(group, dim=1)  # [nq, Hq, nk]
         return chosen & (key_pos[None, None, :] <= query_pos[:, None, None])
 
-    return _attention(q, k, v, scale, cu_seqlens, mask)
+    return _attention(q, k, v, scale, cu_seqlens, mask, cu_seqlens_k)
 
 
-def sliding_window_attention(q, k, v, window_size, scale=None, cu_seqlens=None):
+def sliding_window_attention(q, k, v, window_size, scale=None, cu_seqlens=None, cu_seqlens_k=None):
     """Query at position t attends keys ``t - window_size < s <= t``."""
 
     def mask(query_pos, nk, b, qs):
@@ -253,7 +258,7 @@ def sliding_window_attention(q, k, v, window_size, scale=None, cu_seqlens=None):
         diff = query_pos[:, None] - key_pos[None, :]
         return ((diff >= 0) & (diff < window_size))[:, None, :]
 
-    return _attention(q, k, v, scale, cu_seqlens, mask)
+    return _attention(q, k, v, scale, cu_seqlens, mask, cu_seqlens_k)
 
 
 def gated_combine(gates, o_cmp, o_slc, o_win):

@@ -109,9 +109,11 @@ class SequenceLayout:
         self._tables = {}
 
     @classmethod
-    def of(cls, q: torch.Tensor, num_keys: int | None = None, cu_seqlens=None) -> SequenceLayout:
-        """The layout of ``q [B, Tq, ...]`` against ``num_keys`` keys (default Tq), packed by ``cu_seqlens``."""
-        return cls(q.shape[0], q.shape[1], q.shape[1] if num_keys is None else num_keys, q.device, cu_seqlens)
+    def of(cls, q: torch.Tensor, num_keys: int | None = None, cu_seqlens=None, cu_seqlens_k=None) -> SequenceLayout:
+        """The layout of ``q [B, Tq, ...]`` against ``num_keys`` keys (default Tq), packed by ``cu_seqlens`` (and
+        ``cu_seqlens_k`` for the keys)."""
+        num_keys = q.shape[1] if num_keys is None else num_keys
+        return cls(q.shape[0], q.shape[1], num_keys, q.device, cu_seqlens, cu_seqlens_k)
 
     @property
     def packed(self) -> bool:
@@ -159,6 +161,13 @@ class SequenceLayout:
         return self.seqlens_k.long().clamp(self.num_queries, self.num_keys)
 
     @_table
+    def first_positions(self) -> torch.Tensor:
+        """int64 [N] (packed): position of each sequence's first query, its keys less its queries."""
+        num_queries = self.query_bounds[1:] - self.query_bounds[:-1]
+        num_keys = self.key_bounds[1:] - self.key_bounds[:-1]
+        return (num_keys - num_queries).clamp(min=0)
+
+    @_table
     def query_positions(self) -> torch.Tensor:
         """int64 [Tq] (``[B, Tq]`` with seqlens_k): position of each query within its sequence."""
         rows = torch.arange(self.num_queries, device=self.device)
@@ -167,10 +176,7 @@ class SequenceLayout:
         if not self.packed:
             return rows + self.query_offset
         sequence = self.query_sequence
-        query_start, key_start = self.query_bounds[sequence], self.key_bounds[sequence]
-        num_queries = self.query_bounds[sequence + 1] - query_start
-        num_keys = self.key_bounds[sequence + 1] - key_start
-        return rows - query_start + (num_keys - num_queries).clamp(min=0)
+        return rows - self.query_bounds[sequence] + self.first_positions[sequence]
 
     @_table
     def query_key_starts(self) -> torch.Tensor:
@@ -185,10 +191,19 @@ class SequenceLayout:
         return self.query_key_starts + self.query_positions
 
     @_table
+    def _keys(self) -> SequenceLayout:
+        """The keys' own layout (queries = keys)."""
+        return SequenceLayout(self.batch, self.num_keys, self.num_keys, self.device, self.cu_seqlens_k)
+
+    @_table
     def key_positions(self) -> torch.Tensor:
         """int64 [Tk]: position of each key within its sequence."""
-        keys = SequenceLayout(self.batch, self.num_keys, self.num_keys, self.device, self.cu_seqlens_k)
-        return keys.query_positions
+        return self._keys.query_positions
+
+    @_table
+    def key_starts(self) -> torch.Tensor:
+        """int64 [Tk]: the first key row of each key's sequence (0 when batched)."""
+        return self._keys.query_key_starts
 
     def compressed_sequences(self, kernel_size: int, kernel_stride: int) -> tuple[torch.Tensor, torch.Tensor]:
         """int64 [N] each: compressed keys of each packed sequence and its first row in the packed compressed layout

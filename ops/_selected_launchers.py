@@ -151,9 +151,10 @@ def _fsa_backward(do, q, k, v, lse, delta, indices, layout, block_size, scale, c
                 first_token=first_token, Tq=q.shape[1], Tk=k.shape[1], **config, **meta, DETERMINISTIC=deterministic,
             )
             if deterministic:
+                key_starts = layout.key_starts.to(torch.int32)  # the sequence start of every key row
                 launcher(_selected_attention_fsa_dkdv_sum_kernel, (num_items,))(
                     dk_partial=dk_partial, dv_partial=dv_partial, item_keys=work["item_keys"],
-                    item_lengths=work["item_lengths"], sequence_starts=tables["sequence_starts"], dk=dk, dv=dv,
+                    item_lengths=work["item_lengths"], sequence_starts=key_starts, dk=dk, dv=dv,
                     num_items=num_items, Tk=k.shape[1], HKV=hkv, BS=block_size, D=config["D"], DV=config["DV"],
                     BLOCK_S=config["BLOCK_S"], BLOCK_D=config["BLOCK_D"], BLOCK_DV=config["BLOCK_DV"],
                     VARLEN=layout.packed,
@@ -196,18 +197,18 @@ def choose_kernel(impl: str, call: Call) -> str:
     return next(name for name, kernel in KERNELS.items() if kernel.applies_when(call))
 
 
-def forward(q, k, v, indices, block_size, scale, cu_seqlens, impl):
+def forward(q, k, v, indices, block_size, scale, cu_seqlens, impl, cu_seqlens_k=None):
     q, k, v, indices = (x.contiguous() for x in (q, k, v, indices))
-    layout = SequenceLayout.of(q, k.shape[1], cu_seqlens)
+    layout = SequenceLayout.of(q, k.shape[1], cu_seqlens, cu_seqlens_k)
     config, tables = _launch_settings(q, k, v, indices, block_size, layout)
     call = Call(config["G"], q.shape[1], backward=False, deterministic=False)
     kernel = KERNELS[choose_kernel(impl, call)]
     return kernel.forward(q, k, v, indices, layout, block_size, resolve_scale(scale, q.shape[-1]), config, tables)
 
 
-def backward(do, dlse, q, k, v, o, lse, indices, block_size, scale, cu_seqlens, impl):
+def backward(do, dlse, q, k, v, o, lse, indices, block_size, scale, cu_seqlens, impl, cu_seqlens_k=None):
     q, k, v, indices, do, lse = (x.contiguous() for x in (q, k, v, indices, do, lse))
-    layout = SequenceLayout.of(q, k.shape[1], cu_seqlens)
+    layout = SequenceLayout.of(q, k.shape[1], cu_seqlens, cu_seqlens_k)
     config, tables = _launch_settings(q, k, v, indices, block_size, layout)
     deterministic = torch.are_deterministic_algorithms_enabled()
     kernel = KERNELS[choose_kernel(impl, Call(config["G"], q.shape[1], backward=True, deterministic=deterministic))]

@@ -106,41 +106,55 @@ def check_qkv(q, k, v, k_name: str = "k", v_name: str = "v") -> None:
             raise ValueError(f"{name} head dim must be in [1, {MAX_HEAD_DIM}], got {dim}")
 
 
-def check_cu_seqlens_tensor(cu_seqlens) -> None:
+def check_cu_seqlens_tensor(cu_seqlens, name: str = "cu_seqlens") -> None:
     """cu_seqlens is an int32 tensor [N+1], N >= 1."""
     if not isinstance(cu_seqlens, torch.Tensor):
-        raise TypeError(f"cu_seqlens must be a torch.Tensor or None, got {type(cu_seqlens).__name__}")
+        raise TypeError(f"{name} must be a torch.Tensor or None, got {type(cu_seqlens).__name__}")
     if cu_seqlens.dtype != torch.int32:
-        raise TypeError(f"cu_seqlens must be int32, got {cu_seqlens.dtype}")
+        raise TypeError(f"{name} must be int32, got {cu_seqlens.dtype}")
     if cu_seqlens.dim() != 1 or cu_seqlens.shape[0] < 2:
-        raise ValueError(f"cu_seqlens must be 1-D [N+1] with N >= 1, got shape {tuple(cu_seqlens.shape)}")
+        raise ValueError(f"{name} must be 1-D [N+1] with N >= 1, got shape {tuple(cu_seqlens.shape)}")
 
 
-def check_cu_seqlens(cu_seqlens, q: torch.Tensor, num_keys: int) -> None:
-    """cu_seqlens int32 [N+1] with B == 1 and as many keys as queries.
+def check_cu_seqlens(cu_seqlens, q: torch.Tensor, num_keys: int, cu_seqlens_k=None) -> None:
+    """cu_seqlens int32 [N+1] with B == 1; as many keys as queries, unless ``cu_seqlens_k`` (int32 [N+1]) packs
+    the keys on their own (each sequence's queries are the last of its keys).
 
-    Its values (start at 0, non-decreasing, last = T) can only be checked by reading it; the CPU kernels
+    Their values (start at 0, non-decreasing, last = T) can only be checked by reading them; the CPU kernels
     do that (``SequenceLayout.segments``), the CUDA kernels make them safe to index with instead, so as not to
     synchronise.
     """
     if cu_seqlens is None:
+        if cu_seqlens_k is not None:
+            raise ValueError("cu_seqlens_k needs cu_seqlens, the offsets of the packed queries")
         return
     check_cu_seqlens_tensor(cu_seqlens)
     check_device("cu_seqlens", cu_seqlens, q)
     if q.shape[0] != 1:
         raise ValueError(f"with cu_seqlens, q must be packed with B=1, got B={q.shape[0]}")
-    if num_keys != q.shape[1]:
+    if cu_seqlens_k is not None:
+        check_cu_seqlens_tensor(cu_seqlens_k, "cu_seqlens_k")
+        check_device("cu_seqlens_k", cu_seqlens_k, q)
+        if cu_seqlens_k.shape[0] != cu_seqlens.shape[0]:
+            raise ValueError(f"cu_seqlens_k must have as many sequences as cu_seqlens: [N+1] = "
+                             f"[{cu_seqlens.shape[0]}], got [{cu_seqlens_k.shape[0]}]")
+    elif num_keys != q.shape[1]:
         raise ValueError(
-            f"with cu_seqlens, keys and queries must be the same packed tokens: Tq={q.shape[1]}, Tk={num_keys}"
+            f"with cu_seqlens alone, keys and queries must be the same packed tokens: Tq={q.shape[1]}, "
+            f"Tk={num_keys} (pass cu_seqlens_k for packed keys of their own)"
         )
 
 
-def check_seqlen_k(seqlen_k, num_queries: int, cu_seqlens) -> int:
-    """Number of uncompressed keys: ``seqlen_k`` or, when None, the number of queries."""
+def check_seqlen_k(seqlen_k, num_queries: int, cu_seqlens, cu_seqlens_k=None) -> int:
+    """Number of uncompressed keys: ``seqlen_k`` or, when None, the number of queries. With cu_seqlens_k it is the
+    packed keys' total and must be given."""
     if seqlen_k is None:
+        if cu_seqlens_k is not None:
+            raise ValueError("with cu_seqlens_k, seqlen_k must be the number of packed keys, got None")
         return num_queries
-    if cu_seqlens is not None:
-        raise ValueError("seqlen_k must be None with cu_seqlens (packed sequences have Tq == Tk)")
+    if cu_seqlens is not None and cu_seqlens_k is None:
+        raise ValueError("seqlen_k must be None with cu_seqlens alone (packed sequences have Tq == Tk); "
+                         "pass cu_seqlens_k for packed keys of their own")
     check_positive("seqlen_k", seqlen_k, minimum=0)
     if seqlen_k < num_queries:
         raise ValueError(f"seqlen_k must be >= Tq={num_queries} (queries are the last Tq keys), got {seqlen_k}")

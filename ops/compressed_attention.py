@@ -24,15 +24,15 @@ from ._library import define_attention_op, resolve_scale
 from ._masked_attention import masked_attention_backward, masked_attention_forward
 
 SCHEMA = ("(Tensor q, Tensor k_cmp, Tensor v_cmp, SymInt kernel_size, SymInt kernel_stride, float? scale=None, "
-          "Tensor? cu_seqlens=None, SymInt? seqlen_k=None) -> (Tensor, Tensor)")
+          "Tensor? cu_seqlens=None, SymInt? seqlen_k=None, Tensor? cu_seqlens_k=None) -> (Tensor, Tensor)")
 
 
 
-def _check_inputs(q, k_cmp, v_cmp, kernel_size, kernel_stride, scale, cu_seqlens, seqlen_k) -> None:
+def _check_inputs(q, k_cmp, v_cmp, kernel_size, kernel_stride, scale, cu_seqlens, seqlen_k, cu_seqlens_k) -> None:
     check.check_qkv(q, k_cmp, v_cmp, "k_cmp", "v_cmp")
     check.check_compression(kernel_size, kernel_stride)
-    check.check_cu_seqlens(cu_seqlens, q, q.shape[1])
-    num_keys = check.check_seqlen_k(seqlen_k, q.shape[1], cu_seqlens)
+    check.check_cu_seqlens(cu_seqlens, q, q.shape[1], cu_seqlens_k)
+    num_keys = check.check_seqlen_k(seqlen_k, q.shape[1], cu_seqlens, cu_seqlens_k)
     check.check_compressed_keys("k_cmp", k_cmp, q, num_keys, kernel_size, kernel_stride)
 
 
@@ -46,8 +46,9 @@ def visible_compressed_keys(positions: range, num_cmp: int, kernel_size: int, ke
     return slice(0, hi), torch.arange(hi, device=device)[None, :] < visible[:, None]
 
 
-def _plan(q, kernel_size, kernel_stride, cu_seqlens, seqlen_k):
-    segments = SequenceLayout.of(q, seqlen_k, cu_seqlens).compressed_segments(kernel_size, kernel_stride)
+def _plan(q, kernel_size, kernel_stride, cu_seqlens, seqlen_k, cu_seqlens_k):
+    layout = SequenceLayout.of(q, seqlen_k, cu_seqlens, cu_seqlens_k)
+    segments = layout.compressed_segments(kernel_size, kernel_stride)
     longest = max((s.key_end - s.key_start for s in segments), default=1)
     chunk = torch_attention.chunk_size(q.shape[2] * max(1, longest))
 
@@ -60,15 +61,16 @@ def _plan(q, kernel_size, kernel_stride, cu_seqlens, seqlen_k):
     return segments, select_keys, chunk
 
 
-def _forward_torch(q, k_cmp, v_cmp, kernel_size, kernel_stride, scale, cu_seqlens, seqlen_k):
-    segments, select_keys, chunk = _plan(q, kernel_size, kernel_stride, cu_seqlens, seqlen_k)
+def _forward_torch(q, k_cmp, v_cmp, kernel_size, kernel_stride, scale, cu_seqlens, seqlen_k, cu_seqlens_k):
+    segments, select_keys, chunk = _plan(q, kernel_size, kernel_stride, cu_seqlens, seqlen_k, cu_seqlens_k)
     return torch_attention.attention_forward(
         q, k_cmp, v_cmp, resolve_scale(scale, q.shape[-1]), segments, select_keys, chunk
     )
 
 
-def _backward_torch(do, dlse, q, k_cmp, v_cmp, o, lse, kernel_size, kernel_stride, scale, cu_seqlens, seqlen_k):
-    segments, select_keys, chunk = _plan(q, kernel_size, kernel_stride, cu_seqlens, seqlen_k)
+def _backward_torch(do, dlse, q, k_cmp, v_cmp, o, lse, kernel_size, kernel_stride, scale, cu_seqlens, seqlen_k,
+                    cu_seqlens_k):
+    segments, select_keys, chunk = _plan(q, kernel_size, kernel_stride, cu_seqlens, seqlen_k, cu_seqlens_k)
     return torch_attention.attention_backward(
         do, dlse, q, k_cmp, v_cmp, o, lse, resolve_scale(scale, q.shape[-1]), segments, select_keys, chunk
     )
@@ -76,13 +78,14 @@ def _backward_torch(do, dlse, q, k_cmp, v_cmp, o, lse, kernel_size, kernel_strid
 
 # ---- CUDA path ---------------------------------------------------------------------------------------------
 
-def _forward_triton(q, k_cmp, v_cmp, kernel_size, kernel_stride, scale, cu_seqlens, seqlen_k):
-    spans = SequenceLayout.of(q, seqlen_k, cu_seqlens).compressed_spans(kernel_size, kernel_stride)
+def _forward_triton(q, k_cmp, v_cmp, kernel_size, kernel_stride, scale, cu_seqlens, seqlen_k, cu_seqlens_k):
+    spans = SequenceLayout.of(q, seqlen_k, cu_seqlens, cu_seqlens_k).compressed_spans(kernel_size, kernel_stride)
     return masked_attention_forward(q, k_cmp, v_cmp, *spans, resolve_scale(scale, q.shape[-1]))
 
 
-def _backward_triton(do, dlse, q, k_cmp, v_cmp, o, lse, kernel_size, kernel_stride, scale, cu_seqlens, seqlen_k):
-    spans = SequenceLayout.of(q, seqlen_k, cu_seqlens).compressed_spans(kernel_size, kernel_stride)
+def _backward_triton(do, dlse, q, k_cmp, v_cmp, o, lse, kernel_size, kernel_stride, scale, cu_seqlens, seqlen_k,
+                     cu_seqlens_k):
+    spans = SequenceLayout.of(q, seqlen_k, cu_seqlens, cu_seqlens_k).compressed_spans(kernel_size, kernel_stride)
     return masked_attention_backward(do, dlse, q, k_cmp, v_cmp, o, lse, *spans, resolve_scale(scale, q.shape[-1]))
 
 

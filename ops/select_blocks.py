@@ -34,12 +34,12 @@ from .compressed_attention import visible_compressed_keys
 
 SCHEMA = ("(Tensor q, Tensor k_cmp, Tensor lse, SymInt kernel_size, SymInt kernel_stride, SymInt block_size, "
           "SymInt topk, SymInt init_blocks, SymInt local_blocks, float? scale=None, Tensor? cu_seqlens=None, "
-          "SymInt? seqlen_k=None) -> Tensor")
+          "SymInt? seqlen_k=None, Tensor? cu_seqlens_k=None) -> Tensor")
 
 
 def _check_inputs(
     q, k_cmp, lse, kernel_size, kernel_stride, block_size, topk, init_blocks, local_blocks, scale, cu_seqlens,
-    seqlen_k,
+    seqlen_k, cu_seqlens_k,
 ) -> None:
     check.check_qkv(q, k_cmp, k_cmp, "k_cmp", "k_cmp")
     check.check_tensor("lse", lse, 3, "[B, Tq, Hq]")
@@ -58,8 +58,8 @@ def _check_inputs(
         raise ValueError(
             f"init_blocks + local_blocks must be <= topk, got {init_blocks} + {local_blocks} > {topk}"
         )
-    check.check_cu_seqlens(cu_seqlens, q, q.shape[1])
-    num_keys = check.check_seqlen_k(seqlen_k, q.shape[1], cu_seqlens)
+    check.check_cu_seqlens(cu_seqlens, q, q.shape[1], cu_seqlens_k)
+    num_keys = check.check_seqlen_k(seqlen_k, q.shape[1], cu_seqlens, cu_seqlens_k)
     check.check_compressed_keys("k_cmp", k_cmp, q, num_keys, kernel_size, kernel_stride)
 
 
@@ -88,7 +88,7 @@ def _pool_onto_blocks(probs, kernel_size, kernel_stride, block_size, num_blocks)
 
 def _select_blocks_torch(
     q, k_cmp, lse, kernel_size, kernel_stride, block_size, topk, init_blocks, local_blocks, scale, cu_seqlens,
-    seqlen_k,
+    seqlen_k, cu_seqlens_k,
 ):
     batch, num_queries, hq, d = q.shape
     hkv = k_cmp.shape[2]
@@ -96,7 +96,8 @@ def _select_blocks_torch(
     acc = torch_attention.accumulation_dtype(q.dtype)
     scale = resolve_scale(scale, d)
     out = torch.full((batch, num_queries, hkv, topk), -1, dtype=torch.int32, device=q.device)
-    for segment in SequenceLayout.of(q, seqlen_k, cu_seqlens).compressed_segments(kernel_size, kernel_stride):
+    layout = SequenceLayout.of(q, seqlen_k, cu_seqlens, cu_seqlens_k)
+    for segment in layout.compressed_segments(kernel_size, kernel_stride):
         b = segment.batch
         num_keys = segment.first_position + segment.query_end - segment.query_start
         num_cmp = segment.key_end - segment.key_start
@@ -152,7 +153,8 @@ def _tiles(q, num_cmp, kernel_size, kernel_stride, tile_tokens, layout):
         start = (tile - (tile_ends - tiles_per_sequence)[sequence]) * tile_tokens
         end = bounds[1:][sequence]
         first = torch.where(tile < tile_ends[-1], bounds[:-1][sequence] + start, end)
-        tables = (first, end, start, layout.compressed_sequences(kernel_size, kernel_stride)[1][sequence])
+        position = start + layout.first_positions[sequence]
+        tables = (first, end, position, layout.compressed_sequences(kernel_size, kernel_stride)[1][sequence])
     return [t.to(torch.int32) for t in tables]
 
 
@@ -172,7 +174,7 @@ def _window_steps(kernel_size, kernel_stride, block_size, blocks_wanted):
 
 def _select_blocks_triton(
     q, k_cmp, lse, kernel_size, kernel_stride, block_size, topk, init_blocks, local_blocks, scale, cu_seqlens,
-    seqlen_k,
+    seqlen_k, cu_seqlens_k,
 ):
     q, k_cmp, lse = q.contiguous(), k_cmp.contiguous(), lse.contiguous()
     batch, num_queries, hq, d = q.shape
@@ -183,7 +185,7 @@ def _select_blocks_triton(
     tile_tokens = max(16, settings["rows"] // group_padded)
     topk_padded = next_power_of_2(topk)
     block_c, blocks_per_step = _window_steps(kernel_size, kernel_stride, block_size, topk_padded)
-    layout = SequenceLayout.of(q, seqlen_k, cu_seqlens)
+    layout = SequenceLayout.of(q, seqlen_k, cu_seqlens, cu_seqlens_k)
     tables = _tiles(q, k_cmp.shape[1], kernel_size, kernel_stride, tile_tokens, layout)
     indices = torch.empty(batch, num_queries, hkv, topk, dtype=torch.int32, device=q.device)
     if q.numel() == 0:

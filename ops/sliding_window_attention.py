@@ -18,23 +18,23 @@ from ._layout import SequenceLayout
 from ._library import define_attention_op, resolve_scale
 from ._masked_attention import masked_attention_backward, masked_attention_forward
 
-SCHEMA = ("(Tensor q, Tensor k, Tensor v, SymInt window_size, float? scale=None, Tensor? cu_seqlens=None) "
-          "-> (Tensor, Tensor)")
+SCHEMA = ("(Tensor q, Tensor k, Tensor v, SymInt window_size, float? scale=None, Tensor? cu_seqlens=None, "
+          "Tensor? cu_seqlens_k=None) -> (Tensor, Tensor)")
 
 
 
-def _check_inputs(q, k, v, window_size, scale, cu_seqlens) -> None:
+def _check_inputs(q, k, v, window_size, scale, cu_seqlens, cu_seqlens_k) -> None:
     check.check_qkv(q, k, v)
     check.check_positive("window_size", window_size)
-    check.check_cu_seqlens(cu_seqlens, q, k.shape[1])
+    check.check_cu_seqlens(cu_seqlens, q, k.shape[1], cu_seqlens_k)
     check.check_keys_cover_queries(q, k)
 
 
 # ---- CPU path ----------------------------------------------------------------------------------------------
 
-def _plan(q, k, window_size, cu_seqlens):
+def _plan(q, k, window_size, cu_seqlens, cu_seqlens_k):
     """Segments and the key selector of the CPU kernel."""
-    segments = SequenceLayout.of(q, k.shape[1], cu_seqlens).segments()
+    segments = SequenceLayout.of(q, k.shape[1], cu_seqlens, cu_seqlens_k).segments()
     # A chunk of C queries reads C + window - 1 keys: chunks about as long as the window waste little work.
     cap = max(64, min(window_size, 256))
     chunk = torch_attention.chunk_size(q.shape[2] * (min(window_size, k.shape[1]) + cap), cap=cap)
@@ -48,13 +48,13 @@ def _plan(q, k, window_size, cu_seqlens):
     return segments, select_keys, chunk
 
 
-def _forward_torch(q, k, v, window_size, scale, cu_seqlens):
-    segments, select_keys, chunk = _plan(q, k, window_size, cu_seqlens)
+def _forward_torch(q, k, v, window_size, scale, cu_seqlens, cu_seqlens_k):
+    segments, select_keys, chunk = _plan(q, k, window_size, cu_seqlens, cu_seqlens_k)
     return torch_attention.attention_forward(q, k, v, resolve_scale(scale, q.shape[-1]), segments, select_keys, chunk)
 
 
-def _backward_torch(do, dlse, q, k, v, o, lse, window_size, scale, cu_seqlens):
-    segments, select_keys, chunk = _plan(q, k, window_size, cu_seqlens)
+def _backward_torch(do, dlse, q, k, v, o, lse, window_size, scale, cu_seqlens, cu_seqlens_k):
+    segments, select_keys, chunk = _plan(q, k, window_size, cu_seqlens, cu_seqlens_k)
     return torch_attention.attention_backward(
         do, dlse, q, k, v, o, lse, resolve_scale(scale, q.shape[-1]), segments, select_keys, chunk
     )
@@ -62,13 +62,13 @@ def _backward_torch(do, dlse, q, k, v, o, lse, window_size, scale, cu_seqlens):
 
 # ---- CUDA path ---------------------------------------------------------------------------------------------
 
-def _forward_triton(q, k, v, window_size, scale, cu_seqlens):
-    spans = SequenceLayout.of(q, k.shape[1], cu_seqlens).window_spans(window_size)
+def _forward_triton(q, k, v, window_size, scale, cu_seqlens, cu_seqlens_k):
+    spans = SequenceLayout.of(q, k.shape[1], cu_seqlens, cu_seqlens_k).window_spans(window_size)
     return masked_attention_forward(q, k, v, *spans, resolve_scale(scale, q.shape[-1]))
 
 
-def _backward_triton(do, dlse, q, k, v, o, lse, window_size, scale, cu_seqlens):
-    spans = SequenceLayout.of(q, k.shape[1], cu_seqlens).window_spans(window_size)
+def _backward_triton(do, dlse, q, k, v, o, lse, window_size, scale, cu_seqlens, cu_seqlens_k):
+    spans = SequenceLayout.of(q, k.shape[1], cu_seqlens, cu_seqlens_k).window_spans(window_size)
     return masked_attention_backward(
         do, dlse, q, k, v, o, lse, *spans, resolve_scale(scale, q.shape[-1]), max_tokens_per_key=window_size
     )

@@ -48,7 +48,8 @@ def make_cu_seqlens(lengths, device=DEVICE) -> torch.Tensor:
     return torch.tensor(bounds, dtype=torch.int32, device=device)
 
 
-def make_indices(batch, num_queries, num_keys, hkv, block_size, topk, cu_seqlens=None, device=DEVICE):
+def make_indices(batch, num_queries, num_keys, hkv, block_size, topk, cu_seqlens=None, device=DEVICE,
+                 cu_seqlens_k=None):
     """Valid random selections: ascending causal blocks of each query's sequence, -1 padded, own block often in."""
     out = torch.full((batch, num_queries, hkv, topk), -1, dtype=torch.int32)
     for b in range(batch):
@@ -56,7 +57,8 @@ def make_indices(batch, num_queries, num_keys, hkv, block_size, topk, cu_seqlens
             spans = [(0, num_queries, num_keys - num_queries)]
         else:
             bounds = cu_seqlens.tolist()
-            spans = [(s, e, 0) for s, e in zip(bounds[:-1], bounds[1:])]
+            keys = bounds if cu_seqlens_k is None else cu_seqlens_k.tolist()
+            spans = [(s, e, (ke - ks) - (e - s)) for s, e, ks, ke in zip(bounds[:-1], bounds[1:], keys[:-1], keys[1:])]
         for start, end, offset in spans:
             for i in range(start, end):
                 last = (i - start + offset) // block_size

@@ -258,7 +258,7 @@ def _selected_attention_fsa_dkdv_sum_kernel(
     first_row = key % Tk
     key_row = first_row + offs_s
     key_mask = (offs_s < BS) & (key_row < Tk)
-    if VARLEN:  # Tq == Tk: sequence_starts has one entry per key row
+    if VARLEN:  # sequence_starts: the first key row of the sequence of every key row
         block_start = tl.load(sequence_starts + first_row)
         key_mask &= tl.load(sequence_starts + key_row, mask=key_mask, other=-1) == block_start
     kv_row = ((bh // HKV) * Tk + key_row) * HKV + bh % HKV
