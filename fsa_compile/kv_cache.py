@@ -51,6 +51,11 @@ class NSACache:
         """Empty the cache (the buffers are kept)."""
         self.seqlen = 0
 
+    def reorder(self, rows: Tensor) -> None:
+        """Keep batch row ``rows[i]`` as row i (int64 [batch_size], repeats allowed): beam search."""
+        for buffer in (self.k, self.v, self.k_cmp, self.v_cmp, self.open_keys):
+            buffer.copy_(buffer.index_select(0, rows))
+
     def append(self, q: Tensor, k: Tensor, v: Tensor) -> dict[str, Tensor]:
         """Add n tokens' q, k, v ``[B, n, H, D]`` before RoPE; -> the branch inputs of ``nsa_attention`` for them: q
         (after RoPE), k, v and k_cmp, v_cmp of the whole cache so far, and ``seqlen_k``."""

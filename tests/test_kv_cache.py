@@ -95,6 +95,20 @@ def test_chunked_layer_equals_full_forward_bf16(group):
     assert_close("chunked", full.float(), chunked.float(), RATIO[torch.bfloat16])
 
 
+def test_reorder_follows_beams():
+    """After reorder(rows), row i continues the sequence of row rows[i]."""
+    layer = make_small_layer(dtype=torch.float64)
+    x = torch.randn(3, 30, layer.hidden_size, device=DEVICE, dtype=torch.float64)
+    rows = torch.tensor([2, 2, 0], device=DEVICE)
+    cache = fsa_compile.NSACache(layer, 3, 40)
+    with torch.no_grad():
+        layer(x[:, :21], cache=cache)
+        cache.reorder(rows)
+        step = layer(x[rows, 21:], cache=cache)
+        full = layer(x[rows])
+    torch.testing.assert_close(step, full[:, 21:], rtol=0, atol=1e-12)
+
+
 def test_decoder_prefill_and_decode_equal_one_forward():
     nsa = NSAConfig(kernel_size=8, kernel_stride=4, block_size=8, topk=3, init_blocks=1, local_blocks=1,
                     window_size=12)
