@@ -56,7 +56,8 @@ class FullAttentionCache:
         k = rotary_embedding(layer.k_proj(x).view(batch, num_new, layer.num_kv_heads, layer.head_dim), positions,
                              layer.rope_theta)
         self.k[:, :, start:end] = k.transpose(1, 2)
-        self.v[:, :, start:end] = layer.v_proj(x).view(batch, num_new, layer.num_kv_heads, layer.head_dim).transpose(1, 2)
+        v = layer.v_proj(x).view(batch, num_new, layer.num_kv_heads, layer.head_dim)
+        self.v[:, :, start:end] = v.transpose(1, 2)
         # Queries are the last num_new of end keys: causal from the bottom-right corner (a mask only for chunks).
         mask = None
         if 1 < num_new < end:
@@ -82,7 +83,8 @@ def time_ms(fn, device) -> float:
 def make_layer(group, impl, args, device, dtype):
     config = SMALL if args.small else {}
     heads, head_dim = 4 * group, args.head_dim
-    return fsa_compile.FlashSparseAttention(heads * head_dim, heads, 4, head_dim, impl=impl, **config).to(device, dtype)
+    layer = fsa_compile.FlashSparseAttention(heads * head_dim, heads, 4, head_dim, impl=impl, **config)
+    return layer.to(device, dtype)
 
 
 def filled_cache(cache, context: int) -> None:
@@ -141,8 +143,8 @@ def main() -> None:
     meta = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
             "torch": torch.__version__, "dtype": str(dtype), "layer": SMALL if args.small else "defaults",
             "time": time.strftime("%Y-%m-%d %H:%M:%S")}
-    work = ([("prefill", g, i, t, 1) for g in args.groups for t in seqlens for i in args.impls]
-            + [("decode", g, i, c, b) for g in args.groups for c in contexts for b in args.batches for i in args.impls])
+    work = [("prefill", g, i, t, 1) for g in args.groups for t in seqlens for i in args.impls]
+    work += [("decode", g, i, c, b) for g in args.groups for c in contexts for b in args.batches for i in args.impls]
     rows, layers = [], {}
     for phase, group, impl, tokens, batch in tqdm(work, desc="configs"):
         key = (group, "fsa" if impl == "full" else impl)
@@ -172,7 +174,8 @@ def print_table(rows, meta) -> None:
         speed = cell.get("nsa", float("nan")) / cell.get("fsa", float("nan"))
         versus_full = cell.get("full", float("nan")) / cell.get("fsa", float("nan"))
         print(f"{key[0]:>8} {key[1]:>2} {key[2]:>7} {key[3]:>3} "
-              + " ".join(f"{cell.get(i, float('nan')):8.3f}ms" for i in impls) + f"   {speed:6.2f}x  {versus_full:7.2f}x")
+              + " ".join(f"{cell.get(i, float('nan')):8.3f}ms" for i in impls)
+              + f"   {speed:6.2f}x  {versus_full:7.2f}x")
 
 
 def plot(rows, path: Path, meta) -> None:

@@ -136,8 +136,8 @@ def main(argv=None) -> dict:
     generator = torch.Generator(device=device).manual_seed(args.seed)
     new, timings = generate(model, prompt, args.new_tokens, args.temperature, args.top_k, generator)
     result.update(timings)
-    print(f"prompt {args.batch} x {args.prompt_len} tokens on {device}: prefill {timings['prefill_tokens_per_s']:,.0f} "
-          f"tokens/s, decode {timings['decode_tokens_per_s']:,.0f} tokens/s")
+    print(f"prompt {args.batch} x {args.prompt_len} tokens on {device}: "
+          f"prefill {timings['prefill_tokens_per_s']:,.0f} tokens/s, decode {timings['decode_tokens_per_s']:,.0f} tokens/s")
     print("first sequence's new tokens:", new[0].tolist())
     return result
 

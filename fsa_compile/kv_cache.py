@@ -33,7 +33,8 @@ class NSACache:
         if batch_size < 1 or max_seqlen < 1:
             raise ValueError(f"batch_size and max_seqlen must be >= 1, got {batch_size} and {max_seqlen}")
         weight = layer.k_proj.weight
-        factory = dict(device=weight.device if device is None else device, dtype=weight.dtype if dtype is None else dtype)
+        factory = dict(device=weight.device if device is None else device,
+                       dtype=weight.dtype if dtype is None else dtype)
         shape = (batch_size, max_seqlen, layer.num_kv_heads, layer.head_dim)
         compressed_shape = (batch_size, max_compressed_rows(max_seqlen, layer.kernel_stride), *shape[2:])
         self.layer, self.batch_size, self.max_seqlen = layer, batch_size, max_seqlen

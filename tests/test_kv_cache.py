@@ -118,7 +118,8 @@ def test_decoder_prefill_and_decode_equal_one_forward():
     with torch.no_grad():
         full = model(tokens)
         cache = model.make_cache(2, 50)
-        steps = [model(tokens[:, :30], cache=cache)] + [model(tokens[:, i : i + 1], cache=cache) for i in range(30, 45)]
+        steps = [model(tokens[:, :30], cache=cache)]
+        steps += [model(tokens[:, i : i + 1], cache=cache) for i in range(30, 45)]
     torch.testing.assert_close(torch.cat(steps, dim=1), full, rtol=0, atol=1e-12)
 
 
