@@ -91,10 +91,8 @@ class FlashSparseAttention(nn.Module):
         """The inputs of the three branches: q, k, v (after RoPE), k_cmp, v_cmp and gates [B, T, Hq, 3].
 
         k_cmp and v_cmp have Tc rows, or ``T // kernel_stride + 2`` (zero after the first Tc) for a symbolic T."""
-        if x.dim() != 3 or x.shape[-1] != self.hidden_size:
-            raise ValueError(f"x must be [B, T, hidden_size={self.hidden_size}], got shape {tuple(x.shape)}")
-        batch, num_tokens, _ = x.shape
         q, k, v, gates = self._heads(x)
+        batch, num_tokens, _ = x.shape
         ks, stride = self.kernel_size, self.kernel_stride
         # A symbolic T (torch.export, dynamic=True) gets T // stride + 2 compressed rows, zero past Tc: Tc itself
         # would branch on T >= kernel_size, and export could not cover T from 1. A concrete T gets Tc.
@@ -111,6 +109,8 @@ class FlashSparseAttention(nn.Module):
 
     def _heads(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """q [B, T, Hq, D], k, v [B, T, Hkv, D] before RoPE, gates [B, T, Hq, 3]."""
+        if x.dim() != 3 or x.shape[-1] != self.hidden_size:
+            raise ValueError(f"x must be [B, T, hidden_size={self.hidden_size}], got shape {tuple(x.shape)}")
         batch, num_tokens, _ = x.shape
         q = self.q_proj(x).view(batch, num_tokens, self.num_heads, self.head_dim)
         k = self.k_proj(x).view(batch, num_tokens, self.num_kv_heads, self.head_dim)
@@ -122,8 +122,6 @@ class FlashSparseAttention(nn.Module):
         if cache is not None:
             if cu_seqlens is not None:
                 raise ValueError("a cache takes batched x [B, n, hidden], not packed sequences (cu_seqlens)")
-            if x.dim() != 3 or x.shape[-1] != self.hidden_size:
-                raise ValueError(f"x must be [B, n, hidden_size={self.hidden_size}], got shape {tuple(x.shape)}")
             q, k, v, gates = self._heads(x)
             branches = dict(cache.append(q, k, v), gates=gates)
         else:

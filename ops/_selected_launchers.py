@@ -134,6 +134,8 @@ def _fsa_backward(do, q, k, v, lse, delta, indices, layout, block_size, scale, c
     """Writes dq; adds to dk, dv (float32) with atomics, or deterministically through per-work-item partials (float32
     [items, BLOCK_S, BLOCK_D + BLOCK_DV]) summed per block in item order."""
     group, hkv = config["G"], config["HKV"]
+    # The deterministic dk/dv sum reads the sequence start of every key row.
+    key_starts = layout.key_starts.to(torch.int32) if deterministic else None
     for first_token, chunk in _token_chunks(indices, group * q.shape[-1] * q.element_size()):
         dq_partial = q.new_empty(chunk.numel(), group, q.shape[-1])
 
@@ -151,7 +153,6 @@ def _fsa_backward(do, q, k, v, lse, delta, indices, layout, block_size, scale, c
                 first_token=first_token, Tq=q.shape[1], Tk=k.shape[1], **config, **meta, DETERMINISTIC=deterministic,
             )
             if deterministic:
-                key_starts = layout.key_starts.to(torch.int32)  # the sequence start of every key row
                 launcher(_selected_attention_fsa_dkdv_sum_kernel, (num_items,))(
                     dk_partial=dk_partial, dv_partial=dv_partial, item_keys=work["item_keys"],
                     item_lengths=work["item_lengths"], sequence_starts=key_starts, dk=dk, dv=dv,
