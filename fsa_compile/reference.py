@@ -7,7 +7,9 @@ against these functions; nothing else should call them.
 Conventions (DESIGN.md): token-major ``q [B, Tq, Hq, D]``, ``k, v [B, Tk, Hkv, D]``; query ``i`` sits at
 position ``Tk - Tq + i``; with ``cu_seqlens`` (``B == 1``) every sequence is independent and positions restart
 at 0; ``cu_seqlens_k`` packs the keys on their own (default: the queries' ``cu_seqlens``), and a sequence's queries
-are the last of its keys; query head ``h`` uses KV head ``h // G``.
+are the last of its keys; ``seqlens_k`` (int32 [B], a batch of caches) says row b holds only ``seqlens_k[b]`` keys
+(its queries the last Tq of them; compressed keys the first rows of ``k_cmp[b]``); query head ``h`` uses KV head
+``h // G``.
 """
 
 from __future__ import annotations
@@ -46,6 +48,11 @@ def _query_key_spans(tq, tk, cu_seqlens, cu_seqlens_k):
     return list(zip(_spans(tq, cu_seqlens), _spans(tk, cu_seqlens if cu_seqlens_k is None else cu_seqlens_k)))
 
 
+def _row_keys(tk: int, seqlens_k, b: int) -> int:
+    """Keys of batch row b: all Tk, or its fill with seqlens_k."""
+    return tk if seqlens_k is None else int(seqlens_k[b])
+
+
 def _compressed_sequences(tq, tk, kernel_size, kernel_stride, cu_seqlens, cu_seqlens_k=None):
     """(query start, query end, first compressed row, number of raw keys) of every sequence."""
     seqs, offset = [], 0
@@ -72,7 +79,7 @@ def _dense_attention(q, k, v, allowed, scale):
     return torch.einsum("qhk,khd->qhd", probs, v), lse
 
 
-def _attention(q, k, v, scale, cu_seqlens, mask_fn, cu_seqlens_k=None):
+def _attention(q, k, v, scale, cu_seqlens, mask_fn, cu_seqlens_k=None, seqlens_k=None):
     """Run ``_dense_attention`` per batch row and sequence.
 
     ``mask_fn(query_pos [Tq], num_keys) -> allowed [Tq, Hq or 1, Tk]``; positions are within the sequence.
@@ -85,7 +92,7 @@ def _attention(q, k, v, scale, cu_seqlens, mask_fn, cu_seqlens_k=None):
     for b in range(batch):
         out_b = []
         lse_b = []
-        for (qs, qe), (ks, ke) in _query_key_spans(tq, tk, cu_seqlens, cu_seqlens_k):
+        for (qs, qe), (ks, ke) in _query_key_spans(tq, _row_keys(tk, seqlens_k, b), cu_seqlens, cu_seqlens_k):
             nq, nk = qe - qs, ke - ks
             query_pos = torch.arange(nq, device=q.device) + (nk - nq)
             allowed = mask_fn(query_pos, nk, b, qs).expand(nq, hq, nk)
@@ -134,7 +141,7 @@ def compress(x, weight, pos_emb, kernel_size, kernel_stride, cu_seqlens=None):
 
 
 def compressed_attention(q, k_cmp, v_cmp, kernel_size, kernel_stride, scale=None, cu_seqlens=None, seqlen_k=None,
-                         cu_seqlens_k=None):
+                         cu_seqlens_k=None, seqlens_k=None):
     """Query at position t sees compressed key i iff ``t >= i*kernel_stride + kernel_size - 1``.
 
     q [B, Tq, Hq, D], k_cmp/v_cmp [B, Tc, Hkv, D] -> o [B, Tq, Hq, Dv], lse [B, Tq, Hq].
@@ -145,7 +152,8 @@ def compressed_attention(q, k_cmp, v_cmp, kernel_size, kernel_stride, scale=None
     tk = tq if seqlen_k is None else seqlen_k
     outs, lses = [], []
     for b in range(batch):
-        seqs = _compressed_sequences(tq, tk, kernel_size, kernel_stride, cu_seqlens, cu_seqlens_k)
+        seqs = _compressed_sequences(tq, _row_keys(tk, seqlens_k, b), kernel_size, kernel_stride, cu_seqlens,
+                                     cu_seqlens_k)
         o_b, lse_b = [], []
         for qs, qe, cs, nk in seqs:
             nq = qe - qs
@@ -162,7 +170,7 @@ def compressed_attention(q, k_cmp, v_cmp, kernel_size, kernel_stride, scale=None
 
 
 def block_scores(q, k_cmp, lse, kernel_size, kernel_stride, block_size, scale=None, cu_seqlens=None, seqlen_k=None,
-                 cu_seqlens_k=None):
+                 cu_seqlens_k=None, seqlens_k=None):
     """Selection score of every key block, token by token, exactly as DESIGN.md states it.
 
     ``score[b, t, h, j] = sum_i (sum_{hq in group h} exp(q_hq . k_cmp_i * scale - lse[hq])) * w(i, j)`` over
@@ -179,7 +187,8 @@ def block_scores(q, k_cmp, lse, kernel_size, kernel_stride, block_size, scale=No
     max_blocks = -(-tk // block_size)
     out = torch.full((batch, tq, hkv, max_blocks), float("-inf"), dtype=torch.float64)
     for b in range(batch):
-        seqs = _compressed_sequences(tq, tk, kernel_size, kernel_stride, cu_seqlens, cu_seqlens_k)
+        seqs = _compressed_sequences(tq, _row_keys(tk, seqlens_k, b), kernel_size, kernel_stride, cu_seqlens,
+                                     cu_seqlens_k)
         for qs, qe, cs, nk in seqs:
             nq = qe - qs
             nc = _num_windows(nk, kernel_size, kernel_stride)
@@ -204,7 +213,7 @@ def block_scores(q, k_cmp, lse, kernel_size, kernel_stride, block_size, scale=No
 
 def select_blocks(
     q, k_cmp, lse, kernel_size, kernel_stride, block_size, topk, init_blocks, local_blocks,
-    scale=None, cu_seqlens=None, seqlen_k=None, cu_seqlens_k=None,
+    scale=None, cu_seqlens=None, seqlen_k=None, cu_seqlens_k=None, seqlens_k=None,
 ):
     """Top-k key blocks per (query token, KV head): forced blocks first, then the highest ``block_scores``.
 
@@ -213,7 +222,7 @@ def select_blocks(
     """
     q, k_cmp, lse = q.detach(), k_cmp.detach(), lse.detach()
     scores = block_scores(q, k_cmp, lse, kernel_size, kernel_stride, block_size, scale, cu_seqlens, seqlen_k,
-                          cu_seqlens_k)
+                          cu_seqlens_k, seqlens_k)
     batch, tq, hkv, _ = scores.shape
     out = torch.full((batch, tq, hkv, topk), -1, dtype=torch.int32)
     for b in range(batch):
@@ -231,7 +240,7 @@ def select_blocks(
     return out.to(q.device)
 
 
-def selected_attention(q, k, v, indices, block_size, scale=None, cu_seqlens=None, cu_seqlens_k=None):
+def selected_attention(q, k, v, indices, block_size, scale=None, cu_seqlens=None, cu_seqlens_k=None, seqlens_k=None):
     """Query at position t, head h attends the keys ``s <= t`` of blocks ``indices[b, t, h // G, :]``.
 
     Block indices outside ``[0, t // block_size]`` count as empty. -> o [B, Tq, Hq, Dv], lse [B, Tq, Hq].
@@ -247,10 +256,10 @@ def selected_attention(q, k, v, indices, block_size, scale=None, cu_seqlens=None
         chosen = in_block.any(dim=2).repeat_interleave(group, dim=1)  # [nq, Hq, nk]
         return chosen & (key_pos[None, None, :] <= query_pos[:, None, None])
 
-    return _attention(q, k, v, scale, cu_seqlens, mask, cu_seqlens_k)
+    return _attention(q, k, v, scale, cu_seqlens, mask, cu_seqlens_k, seqlens_k)
 
 
-def sliding_window_attention(q, k, v, window_size, scale=None, cu_seqlens=None, cu_seqlens_k=None):
+def sliding_window_attention(q, k, v, window_size, scale=None, cu_seqlens=None, cu_seqlens_k=None, seqlens_k=None):
     """Query at position t attends keys ``t - window_size < s <= t``."""
 
     def mask(query_pos, nk, b, qs):
@@ -258,7 +267,7 @@ def sliding_window_attention(q, k, v, window_size, scale=None, cu_seqlens=None, 
         diff = query_pos[:, None] - key_pos[None, :]
         return ((diff >= 0) & (diff < window_size))[:, None, :]
 
-    return _attention(q, k, v, scale, cu_seqlens, mask, cu_seqlens_k)
+    return _attention(q, k, v, scale, cu_seqlens, mask, cu_seqlens_k, seqlens_k)
 
 
 def gated_combine(gates, o_cmp, o_slc, o_win):

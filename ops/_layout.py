@@ -8,6 +8,7 @@ Three layouts, as in FlashAttention:
 - **packed**: B == 1, ``cu_seqlens_q`` / ``cu_seqlens_k`` (int32 [N+1]) give each sequence's query rows and key
   rows; a sequence's queries are the last of its keys. ``cu_seqlens_k`` defaults to ``cu_seqlens_q`` (Tq == Tk);
 - **batched caches**: ``seqlens_k`` (int32 [B]) keys are filled in row b; its Tq queries are the last Tq of them.
+  The CUDA paths run it as one packed row of B sequences whose key spans are the B buffers (``flattened``).
 
 Device tables are computed on first use, sync-free and sized from shapes only, so the CUDA paths stay
 capturable by CUDA graphs. Offsets are first made safe to index with (``sequence_bounds``): the CUDA paths cannot
@@ -107,13 +108,36 @@ class SequenceLayout:
         self.cu_seqlens_k = cu_seqlens_q if cu_seqlens_k is None else cu_seqlens_k
         self.seqlens_k = seqlens_k
         self._tables = {}
+        self._compressed_rows_per_sequence = 0  # set by flattened()
 
     @classmethod
-    def of(cls, q: torch.Tensor, num_keys: int | None = None, cu_seqlens=None, cu_seqlens_k=None) -> SequenceLayout:
+    def of(cls, q: torch.Tensor, num_keys: int | None = None, cu_seqlens=None, cu_seqlens_k=None,
+           seqlens_k=None) -> SequenceLayout:
         """The layout of ``q [B, Tq, ...]`` against ``num_keys`` keys (default Tq), packed by ``cu_seqlens`` (and
-        ``cu_seqlens_k`` for the keys)."""
+        ``cu_seqlens_k`` for the keys), or a batch of caches filled to ``seqlens_k``."""
         num_keys = q.shape[1] if num_keys is None else num_keys
-        return cls(q.shape[0], q.shape[1], num_keys, q.device, cu_seqlens, cu_seqlens_k)
+        return cls(q.shape[0], q.shape[1], num_keys, q.device, cu_seqlens, cu_seqlens_k, seqlens_k)
+
+    def for_kernels(self, *tensors: torch.Tensor | None, compressed_rows: int = 0):
+        """(layout, tensors) as the CUDA kernels take them: this layout and the tensors unchanged, or for batched
+        caches the ``flattened`` layout and ``[B, T, ...] -> [1, B*T, ...]`` views of the tensors (the kernels'
+        outputs then need a ``view`` back to B rows)."""
+        if self.seqlens_k is None:
+            return self, list(tensors)
+        return self.flattened(compressed_rows), flatten_batch(*tensors)
+
+    def flattened(self, compressed_rows: int = 0) -> SequenceLayout:
+        """Batched caches as one packed row (B == 1) of B sequences: sequence b has the queries ``[b*Tq, (b+1)*Tq)``
+        and the key rows ``[b*Tk, b*Tk + seqlens_k[b])`` of its buffer; its compressed keys start at row
+        ``b * compressed_rows``. The CUDA paths run caches through their packed kernels on the flattened tensors
+        (``for_kernels``); the tables are the same sync-free device tables."""
+        batch, num_queries, num_keys = self.batch, self.num_queries, self.num_keys
+        starts = torch.arange(batch + 1, device=self.device, dtype=torch.int32)
+        flat = SequenceLayout(1, batch * num_queries, batch * num_keys, self.device, starts * num_queries,
+                              starts * num_keys)
+        flat._tables["key_lengths"] = self.fill
+        flat._compressed_rows_per_sequence = compressed_rows
+        return flat
 
     @property
     def packed(self) -> bool:
@@ -161,11 +185,15 @@ class SequenceLayout:
         return self.seqlens_k.long().clamp(self.num_queries, self.num_keys)
 
     @_table
+    def key_lengths(self) -> torch.Tensor:
+        """int64 [N] (packed): keys of each sequence (fewer than its key span in a ``flattened`` layout)."""
+        return self.key_bounds[1:] - self.key_bounds[:-1]
+
+    @_table
     def first_positions(self) -> torch.Tensor:
         """int64 [N] (packed): position of each sequence's first query, its keys less its queries."""
         num_queries = self.query_bounds[1:] - self.query_bounds[:-1]
-        num_keys = self.key_bounds[1:] - self.key_bounds[:-1]
-        return (num_keys - num_queries).clamp(min=0)
+        return (self.key_lengths - num_queries).clamp(min=0)
 
     @_table
     def query_positions(self) -> torch.Tensor:
@@ -207,9 +235,11 @@ class SequenceLayout:
 
     def compressed_sequences(self, kernel_size: int, kernel_stride: int) -> tuple[torch.Tensor, torch.Tensor]:
         """int64 [N] each: compressed keys of each packed sequence and its first row in the packed compressed layout
-        (``fsa_compile.compress``'s: sequences one after another, zero rows after them)."""
-        lengths = self.key_bounds[1:] - self.key_bounds[:-1]
-        counts = visible_compressed(lengths - 1, kernel_size, kernel_stride)  # the windows its last key sees
+        (``fsa_compile.compress``'s: sequences one after another, zero rows after them; a ``flattened`` layout's:
+        one buffer of ``compressed_rows`` rows per sequence)."""
+        counts = visible_compressed(self.key_lengths - 1, kernel_size, kernel_stride)  # the windows its last key sees
+        if self._compressed_rows_per_sequence:
+            return counts, torch.arange(counts.shape[0], device=self.device) * self._compressed_rows_per_sequence
         return counts, counts.cumsum(0) - counts
 
     def compressed_rows(self, kernel_size: int, kernel_stride: int, num_rows=None):
@@ -265,11 +295,18 @@ class SequenceLayout:
 
         return self._segments(compressed)
 
+    def _checked_fills(self) -> list[int]:
+        fills = self.seqlens_k.tolist()
+        if any(not self.num_queries <= n <= self.num_keys for n in fills):
+            raise ValueError(f"seqlens_k must be in [Tq, Tk] = [{self.num_queries}, {self.num_keys}] (the queries are "
+                             f"the last Tq filled keys of each row), got {fills}")
+        return fills
+
     def _segments(self, key_rows) -> list[Segment]:
         """``key_rows(key_start, key_end)`` maps a sequence's key rows in k to the rows a segment reads; it is
         called for every sequence in order, empty ones included."""
         if not self.packed:
-            fills = [self.num_keys] * self.batch if self.seqlens_k is None else self.fill.tolist()
+            fills = [self.num_keys] * self.batch if self.seqlens_k is None else self._checked_fills()
             return [Segment(b, 0, self.num_queries, *key_rows(0, n), n - self.num_queries)
                     for b, n in enumerate(fills)]
         if self.cu_seqlens_k is self.cu_seqlens_q:  # the ops' one cu_seqlens
@@ -283,3 +320,9 @@ class SequenceLayout:
             if q_end > q_start:
                 segments.append(Segment(0, q_start, q_end, *rows, max(0, (k_end - k_start) - (q_end - q_start))))
         return segments
+
+
+def flatten_batch(*tensors: torch.Tensor | None) -> list[torch.Tensor | None]:
+    """``[B, T, ...] -> [1, B*T, ...]`` (views of contiguous tensors; None stays None): the tensors of a
+    ``flattened`` layout."""
+    return [None if x is None else x.reshape(1, x.shape[0] * x.shape[1], *x.shape[2:]) for x in tensors]

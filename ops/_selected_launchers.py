@@ -198,25 +198,32 @@ def choose_kernel(impl: str, call: Call) -> str:
     return next(name for name, kernel in KERNELS.items() if kernel.applies_when(call))
 
 
-def forward(q, k, v, indices, block_size, scale, cu_seqlens, impl, cu_seqlens_k=None):
-    q, k, v, indices = (x.contiguous() for x in (q, k, v, indices))
-    layout = SequenceLayout.of(q, k.shape[1], cu_seqlens, cu_seqlens_k)
+def forward(q, k, v, indices, block_size, scale, cu_seqlens, impl, cu_seqlens_k=None, seqlens_k=None):
+    # The kernel is chosen by the queries per sequence (Tq), also for a batch of caches run as one packed row.
+    call = Call(q.shape[2] // k.shape[2], q.shape[1], backward=False, deterministic=False)
+    shape = (*q.shape[:3], v.shape[-1])
+    layout = SequenceLayout.of(q, k.shape[1], cu_seqlens, cu_seqlens_k, seqlens_k)
+    layout, (q, k, v, indices) = layout.for_kernels(*(x.contiguous() for x in (q, k, v, indices)))
     config, tables = _launch_settings(q, k, v, indices, block_size, layout)
-    call = Call(config["G"], q.shape[1], backward=False, deterministic=False)
     kernel = KERNELS[choose_kernel(impl, call)]
-    return kernel.forward(q, k, v, indices, layout, block_size, resolve_scale(scale, q.shape[-1]), config, tables)
+    o, lse = kernel.forward(q, k, v, indices, layout, block_size, resolve_scale(scale, q.shape[-1]), config, tables)
+    return o.view(shape), lse.view(shape[:3])
 
 
-def backward(do, dlse, q, k, v, o, lse, indices, block_size, scale, cu_seqlens, impl, cu_seqlens_k=None):
-    q, k, v, indices, do, lse = (x.contiguous() for x in (q, k, v, indices, do, lse))
-    layout = SequenceLayout.of(q, k.shape[1], cu_seqlens, cu_seqlens_k)
-    config, tables = _launch_settings(q, k, v, indices, block_size, layout)
+def backward(do, dlse, q, k, v, o, lse, indices, block_size, scale, cu_seqlens, impl, cu_seqlens_k=None,
+             seqlens_k=None):
     deterministic = torch.are_deterministic_algorithms_enabled()
-    kernel = KERNELS[choose_kernel(impl, Call(config["G"], q.shape[1], backward=True, deterministic=deterministic))]
+    call = Call(q.shape[2] // k.shape[2], q.shape[1], backward=True, deterministic=deterministic)
+    shapes = (q.shape, k.shape, v.shape)
+    layout = SequenceLayout.of(q, k.shape[1], cu_seqlens, cu_seqlens_k, seqlens_k)
+    layout, (q, k, v, indices, do, o, lse, dlse) = layout.for_kernels(
+        *(x.contiguous() for x in (q, k, v, indices, do, o, lse)), dlse)
+    config, tables = _launch_settings(q, k, v, indices, block_size, layout)
+    kernel = KERNELS[choose_kernel(impl, call)]
     delta = softmax_backward_delta(do, o, dlse)
     dq = torch.empty_like(q)
     dk = torch.zeros(k.shape, dtype=torch.float32, device=k.device)
     dv = torch.zeros(v.shape, dtype=torch.float32, device=v.device)
     kernel.backward(do, q, k, v, lse, delta, indices, layout, block_size, resolve_scale(scale, q.shape[-1]), config,
                     tables, dq, dk, dv, deterministic)
-    return dq, dk.to(k.dtype), dv.to(v.dtype)
+    return tuple(grad.view(shape) for grad, shape in zip((dq, dk.to(k.dtype), dv.to(v.dtype)), shapes))

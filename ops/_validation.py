@@ -145,12 +145,31 @@ def check_cu_seqlens(cu_seqlens, q: torch.Tensor, num_keys: int, cu_seqlens_k=No
         )
 
 
-def check_seqlen_k(seqlen_k, num_queries: int, cu_seqlens, cu_seqlens_k=None) -> int:
+def check_seqlens_k(seqlens_k, q: torch.Tensor, cu_seqlens) -> None:
+    """seqlens_k int32 [B]: the filled keys of each row of a batch of caches (batched, not packed).
+
+    Values (in [Tq, Tk]) are read on the CPU path only; the CUDA paths clamp them into that range."""
+    if seqlens_k is None:
+        return
+    if not isinstance(seqlens_k, torch.Tensor):
+        raise TypeError(f"seqlens_k must be a torch.Tensor or None, got {type(seqlens_k).__name__}")
+    if seqlens_k.dtype != torch.int32:
+        raise TypeError(f"seqlens_k must be int32, got {seqlens_k.dtype}")
+    check_device("seqlens_k", seqlens_k, q)
+    if tuple(seqlens_k.shape) != (q.shape[0],):
+        raise ValueError(f"seqlens_k must have shape [B] = [{q.shape[0]}], got {tuple(seqlens_k.shape)}")
+    if cu_seqlens is not None:
+        raise ValueError("seqlens_k is for a batch of caches [B, Tk, ...]; packed sequences take cu_seqlens_k")
+
+
+def check_seqlen_k(seqlen_k, num_queries: int, cu_seqlens, cu_seqlens_k=None, seqlens_k=None) -> int:
     """Number of uncompressed keys: ``seqlen_k`` or, when None, the number of queries. With cu_seqlens_k it is the
-    packed keys' total and must be given."""
+    packed keys' total, with seqlens_k the length of the key buffers, and must be given."""
     if seqlen_k is None:
         if cu_seqlens_k is not None:
             raise ValueError("with cu_seqlens_k, seqlen_k must be the number of packed keys, got None")
+        if seqlens_k is not None:
+            raise ValueError("with seqlens_k, seqlen_k must be the length Tk of the key buffers, got None")
         return num_queries
     if cu_seqlens is not None and cu_seqlens_k is None:
         raise ValueError("seqlen_k must be None with cu_seqlens alone (packed sequences have Tq == Tk); "

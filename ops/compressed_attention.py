@@ -7,7 +7,9 @@ q [B, Tq, Hq, D], k_cmp [B, Tc, Hkv, D], v_cmp [B, Tc, Hkv, Dv] -> o [B, Tq, Hq,
 with ``Tc = max(0, (Tk - kernel_size) // kernel_stride + 1)``; ``Tk = seqlen_k`` (default Tq). With
 ``cu_seqlens`` the compressed sequences are packed one after another in that many rows (the bound of the
 packed total for ``kernel_stride <= kernel_size``), as ``fsa_compile.compress`` returns them; the op derives
-the offsets from ``cu_seqlens``. Differentiable in q, k_cmp, v_cmp.
+the offsets from ``cu_seqlens``. With ``seqlens_k`` (a batch of caches, ``seqlen_k`` = the buffers' length) row b
+has ``seqlens_k[b]`` keys, its compressed keys are the first rows of ``k_cmp[b]``. Differentiable in q, k_cmp,
+v_cmp.
 
 Kernels: Triton masked flash attention (``_kernels/masked_attention.py``) on CUDA and on CPU tensors under
 ``TRITON_INTERPRET=1`` with the CPU kernel disabled; vectorised PyTorch on CPU and for float64.
@@ -24,15 +26,18 @@ from ._library import define_attention_op, resolve_scale
 from ._masked_attention import masked_attention_backward, masked_attention_forward
 
 SCHEMA = ("(Tensor q, Tensor k_cmp, Tensor v_cmp, SymInt kernel_size, SymInt kernel_stride, float? scale=None, "
-          "Tensor? cu_seqlens=None, SymInt? seqlen_k=None, Tensor? cu_seqlens_k=None) -> (Tensor, Tensor)")
+          "Tensor? cu_seqlens=None, SymInt? seqlen_k=None, Tensor? cu_seqlens_k=None, Tensor? seqlens_k=None) "
+          "-> (Tensor, Tensor)")
 
 
 
-def _check_inputs(q, k_cmp, v_cmp, kernel_size, kernel_stride, scale, cu_seqlens, seqlen_k, cu_seqlens_k) -> None:
+def _check_inputs(q, k_cmp, v_cmp, kernel_size, kernel_stride, scale, cu_seqlens, seqlen_k, cu_seqlens_k,
+                  seqlens_k) -> None:
     check.check_qkv(q, k_cmp, v_cmp, "k_cmp", "v_cmp")
     check.check_compression(kernel_size, kernel_stride)
     check.check_cu_seqlens(cu_seqlens, q, q.shape[1], cu_seqlens_k)
-    num_keys = check.check_seqlen_k(seqlen_k, q.shape[1], cu_seqlens, cu_seqlens_k)
+    check.check_seqlens_k(seqlens_k, q, cu_seqlens)
+    num_keys = check.check_seqlen_k(seqlen_k, q.shape[1], cu_seqlens, cu_seqlens_k, seqlens_k)
     check.check_compressed_keys("k_cmp", k_cmp, q, num_keys, kernel_size, kernel_stride)
 
 
@@ -46,8 +51,8 @@ def visible_compressed_keys(positions: range, num_cmp: int, kernel_size: int, ke
     return slice(0, hi), torch.arange(hi, device=device)[None, :] < visible[:, None]
 
 
-def _plan(q, kernel_size, kernel_stride, cu_seqlens, seqlen_k, cu_seqlens_k):
-    layout = SequenceLayout.of(q, seqlen_k, cu_seqlens, cu_seqlens_k)
+def _plan(q, kernel_size, kernel_stride, cu_seqlens, seqlen_k, cu_seqlens_k, seqlens_k):
+    layout = SequenceLayout.of(q, seqlen_k, cu_seqlens, cu_seqlens_k, seqlens_k)
     segments = layout.compressed_segments(kernel_size, kernel_stride)
     longest = max((s.key_end - s.key_start for s in segments), default=1)
     chunk = torch_attention.chunk_size(q.shape[2] * max(1, longest))
@@ -61,16 +66,17 @@ def _plan(q, kernel_size, kernel_stride, cu_seqlens, seqlen_k, cu_seqlens_k):
     return segments, select_keys, chunk
 
 
-def _forward_torch(q, k_cmp, v_cmp, kernel_size, kernel_stride, scale, cu_seqlens, seqlen_k, cu_seqlens_k):
-    segments, select_keys, chunk = _plan(q, kernel_size, kernel_stride, cu_seqlens, seqlen_k, cu_seqlens_k)
+def _forward_torch(q, k_cmp, v_cmp, kernel_size, kernel_stride, scale, cu_seqlens, seqlen_k, cu_seqlens_k,
+                   seqlens_k):
+    segments, select_keys, chunk = _plan(q, kernel_size, kernel_stride, cu_seqlens, seqlen_k, cu_seqlens_k, seqlens_k)
     return torch_attention.attention_forward(
         q, k_cmp, v_cmp, resolve_scale(scale, q.shape[-1]), segments, select_keys, chunk
     )
 
 
 def _backward_torch(do, dlse, q, k_cmp, v_cmp, o, lse, kernel_size, kernel_stride, scale, cu_seqlens, seqlen_k,
-                    cu_seqlens_k):
-    segments, select_keys, chunk = _plan(q, kernel_size, kernel_stride, cu_seqlens, seqlen_k, cu_seqlens_k)
+                    cu_seqlens_k, seqlens_k):
+    segments, select_keys, chunk = _plan(q, kernel_size, kernel_stride, cu_seqlens, seqlen_k, cu_seqlens_k, seqlens_k)
     return torch_attention.attention_backward(
         do, dlse, q, k_cmp, v_cmp, o, lse, resolve_scale(scale, q.shape[-1]), segments, select_keys, chunk
     )
@@ -78,15 +84,22 @@ def _backward_torch(do, dlse, q, k_cmp, v_cmp, o, lse, kernel_size, kernel_strid
 
 # ---- CUDA path ---------------------------------------------------------------------------------------------
 
-def _forward_triton(q, k_cmp, v_cmp, kernel_size, kernel_stride, scale, cu_seqlens, seqlen_k, cu_seqlens_k):
-    spans = SequenceLayout.of(q, seqlen_k, cu_seqlens, cu_seqlens_k).compressed_spans(kernel_size, kernel_stride)
-    return masked_attention_forward(q, k_cmp, v_cmp, *spans, resolve_scale(scale, q.shape[-1]))
+def _forward_triton(q, k_cmp, v_cmp, kernel_size, kernel_stride, scale, cu_seqlens, seqlen_k, cu_seqlens_k,
+                    seqlens_k):
+    layout = SequenceLayout.of(q, seqlen_k, cu_seqlens, cu_seqlens_k, seqlens_k)
+    layout, tensors = layout.for_kernels(q, k_cmp, v_cmp, compressed_rows=k_cmp.shape[1])
+    spans = layout.compressed_spans(kernel_size, kernel_stride)
+    o, lse = masked_attention_forward(*tensors, *spans, resolve_scale(scale, q.shape[-1]))
+    return o.view(*q.shape[:3], -1), lse.view(q.shape[:3])
 
 
 def _backward_triton(do, dlse, q, k_cmp, v_cmp, o, lse, kernel_size, kernel_stride, scale, cu_seqlens, seqlen_k,
-                     cu_seqlens_k):
-    spans = SequenceLayout.of(q, seqlen_k, cu_seqlens, cu_seqlens_k).compressed_spans(kernel_size, kernel_stride)
-    return masked_attention_backward(do, dlse, q, k_cmp, v_cmp, o, lse, *spans, resolve_scale(scale, q.shape[-1]))
+                     cu_seqlens_k, seqlens_k):
+    layout = SequenceLayout.of(q, seqlen_k, cu_seqlens, cu_seqlens_k, seqlens_k)
+    layout, tensors = layout.for_kernels(do, dlse, q, k_cmp, v_cmp, o, lse, compressed_rows=k_cmp.shape[1])
+    spans = layout.compressed_spans(kernel_size, kernel_stride)
+    grads = masked_attention_backward(*tensors, *spans, resolve_scale(scale, q.shape[-1]))
+    return tuple(grad.view_as(x) for grad, x in zip(grads, (q, k_cmp, v_cmp)))
 
 
 # ---- registration ------------------------------------------------------------------------------------------

@@ -34,12 +34,12 @@ from .compressed_attention import visible_compressed_keys
 
 SCHEMA = ("(Tensor q, Tensor k_cmp, Tensor lse, SymInt kernel_size, SymInt kernel_stride, SymInt block_size, "
           "SymInt topk, SymInt init_blocks, SymInt local_blocks, float? scale=None, Tensor? cu_seqlens=None, "
-          "SymInt? seqlen_k=None, Tensor? cu_seqlens_k=None) -> Tensor")
+          "SymInt? seqlen_k=None, Tensor? cu_seqlens_k=None, Tensor? seqlens_k=None) -> Tensor")
 
 
 def _check_inputs(
     q, k_cmp, lse, kernel_size, kernel_stride, block_size, topk, init_blocks, local_blocks, scale, cu_seqlens,
-    seqlen_k, cu_seqlens_k,
+    seqlen_k, cu_seqlens_k, seqlens_k,
 ) -> None:
     check.check_qkv(q, k_cmp, k_cmp, "k_cmp", "k_cmp")
     check.check_tensor("lse", lse, 3, "[B, Tq, Hq]")
@@ -59,7 +59,8 @@ def _check_inputs(
             f"init_blocks + local_blocks must be <= topk, got {init_blocks} + {local_blocks} > {topk}"
         )
     check.check_cu_seqlens(cu_seqlens, q, q.shape[1], cu_seqlens_k)
-    num_keys = check.check_seqlen_k(seqlen_k, q.shape[1], cu_seqlens, cu_seqlens_k)
+    check.check_seqlens_k(seqlens_k, q, cu_seqlens)
+    num_keys = check.check_seqlen_k(seqlen_k, q.shape[1], cu_seqlens, cu_seqlens_k, seqlens_k)
     check.check_compressed_keys("k_cmp", k_cmp, q, num_keys, kernel_size, kernel_stride)
 
 
@@ -88,7 +89,7 @@ def _pool_onto_blocks(probs, kernel_size, kernel_stride, block_size, num_blocks)
 
 def _select_blocks_torch(
     q, k_cmp, lse, kernel_size, kernel_stride, block_size, topk, init_blocks, local_blocks, scale, cu_seqlens,
-    seqlen_k, cu_seqlens_k,
+    seqlen_k, cu_seqlens_k, seqlens_k,
 ):
     batch, num_queries, hq, d = q.shape
     hkv = k_cmp.shape[2]
@@ -96,7 +97,7 @@ def _select_blocks_torch(
     acc = torch_attention.accumulation_dtype(q.dtype)
     scale = resolve_scale(scale, d)
     out = torch.full((batch, num_queries, hkv, topk), -1, dtype=torch.int32, device=q.device)
-    layout = SequenceLayout.of(q, seqlen_k, cu_seqlens, cu_seqlens_k)
+    layout = SequenceLayout.of(q, seqlen_k, cu_seqlens, cu_seqlens_k, seqlens_k)
     for segment in layout.compressed_segments(kernel_size, kernel_stride):
         b = segment.batch
         num_keys = segment.first_position + segment.query_end - segment.query_start
@@ -174,9 +175,12 @@ def _window_steps(kernel_size, kernel_stride, block_size, blocks_wanted):
 
 def _select_blocks_triton(
     q, k_cmp, lse, kernel_size, kernel_stride, block_size, topk, init_blocks, local_blocks, scale, cu_seqlens,
-    seqlen_k, cu_seqlens_k,
+    seqlen_k, cu_seqlens_k, seqlens_k,
 ):
-    q, k_cmp, lse = q.contiguous(), k_cmp.contiguous(), lse.contiguous()
+    shape = (*q.shape[:2], k_cmp.shape[2], topk)
+    layout = SequenceLayout.of(q, seqlen_k, cu_seqlens, cu_seqlens_k, seqlens_k)
+    layout, (q, k_cmp, lse) = layout.for_kernels(q.contiguous(), k_cmp.contiguous(), lse.contiguous(),
+                                                 compressed_rows=k_cmp.shape[1])
     batch, num_queries, hq, d = q.shape
     hkv = k_cmp.shape[2]
     group = hq // hkv
@@ -185,11 +189,10 @@ def _select_blocks_triton(
     tile_tokens = max(16, settings["rows"] // group_padded)
     topk_padded = next_power_of_2(topk)
     block_c, blocks_per_step = _window_steps(kernel_size, kernel_stride, block_size, topk_padded)
-    layout = SequenceLayout.of(q, seqlen_k, cu_seqlens, cu_seqlens_k)
     tables = _tiles(q, k_cmp.shape[1], kernel_size, kernel_stride, tile_tokens, layout)
     indices = torch.empty(batch, num_queries, hkv, topk, dtype=torch.int32, device=q.device)
     if q.numel() == 0:
-        return indices
+        return indices.view(shape)
     launcher(_select_blocks_kernel, (tables[0].shape[0], hkv))(
         q, k_cmp, lse, *tables, indices, resolve_scale(scale, d),
         HQ=hq, HKV=hkv, G=group, GP=group_padded, D=d, BLOCK_D=next_power_of_2(d), KERNEL_SIZE=kernel_size,
@@ -198,7 +201,7 @@ def _select_blocks_triton(
         INPUT_PRECISION=_settings.input_precision(q.dtype), num_warps=settings["num_warps"],
         num_stages=settings["num_stages"],
     )
-    return indices
+    return indices.view(shape)
 
 
 # ---- registration ------------------------------------------------------------------------------------------

@@ -7,7 +7,8 @@ Query at position t, head h attends the keys ``s <= t`` of the blocks ``indices[
 (the indices mean a set of blocks; every path drops the later slots of a repeat).
 
 q [B, Tq, Hq, D], k [B, Tk, Hkv, D], v [B, Tk, Hkv, Dv] -> o [B, Tq, Hq, Dv], lse [B, Tq, Hq] (float32).
-Differentiable in q, k, v.
+Differentiable in q, k, v. With ``seqlens_k`` (a batch of caches) row b's queries are the last Tq of its first
+``seqlens_k[b]`` keys.
 
 Kernels:
 - CUDA (and CPU tensors under ``TRITON_INTERPRET=1`` with the CPU kernel disabled): Triton.
@@ -36,17 +37,19 @@ from ._library import define_attention_op, resolve_scale
 # own and fails to lower an op with an argument of that name.
 IMPLS = launchers.IMPLS
 SCHEMA = ("(Tensor q, Tensor k, Tensor v, Tensor indices, SymInt block_size, float? scale=None, "
-          "Tensor? cu_seqlens=None, str impl=\"auto\", Tensor? cu_seqlens_k=None) -> (Tensor, Tensor)")
+          "Tensor? cu_seqlens=None, str impl=\"auto\", Tensor? cu_seqlens_k=None, Tensor? seqlens_k=None) "
+          "-> (Tensor, Tensor)")
 
 
 
-def _check_inputs(q, k, v, indices, block_size, scale, cu_seqlens, impl, cu_seqlens_k) -> None:
+def _check_inputs(q, k, v, indices, block_size, scale, cu_seqlens, impl, cu_seqlens_k, seqlens_k) -> None:
     check.check_qkv(q, k, v)
     if impl not in IMPLS:
         raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
     check.check_indices(indices, q, k)
     check.check_positive("block_size", block_size)
     check.check_cu_seqlens(cu_seqlens, q, k.shape[1], cu_seqlens_k)
+    check.check_seqlens_k(seqlens_k, q, cu_seqlens)
     check.check_keys_cover_queries(q, k)
 
 
@@ -59,8 +62,8 @@ def _repeats_earlier_slot(blocks: torch.Tensor) -> torch.Tensor:
     return (same & (slots.view(-1, 1) > slots.view(1, -1))).any(-1)
 
 
-def _plan(q, k, v, indices, block_size, cu_seqlens, cu_seqlens_k):
-    segments = SequenceLayout.of(q, k.shape[1], cu_seqlens, cu_seqlens_k).segments()
+def _plan(q, k, v, indices, block_size, cu_seqlens, cu_seqlens_k, seqlens_k):
+    segments = SequenceLayout.of(q, k.shape[1], cu_seqlens, cu_seqlens_k, seqlens_k).segments()
     keys_per_query = indices.shape[-1] * block_size
     chunk = torch_attention.chunk_size(keys_per_query * (q.shape[2] + k.shape[2] * (k.shape[3] + v.shape[3])))
     offsets = torch.arange(block_size, device=q.device)
@@ -82,13 +85,14 @@ def _plan(q, k, v, indices, block_size, cu_seqlens, cu_seqlens_k):
     return segments, select_keys, chunk
 
 
-def _forward_torch(q, k, v, indices, block_size, scale, cu_seqlens, impl, cu_seqlens_k):
-    segments, select_keys, chunk = _plan(q, k, v, indices, block_size, cu_seqlens, cu_seqlens_k)
+def _forward_torch(q, k, v, indices, block_size, scale, cu_seqlens, impl, cu_seqlens_k, seqlens_k):
+    segments, select_keys, chunk = _plan(q, k, v, indices, block_size, cu_seqlens, cu_seqlens_k, seqlens_k)
     return torch_attention.attention_forward(q, k, v, resolve_scale(scale, q.shape[-1]), segments, select_keys, chunk)
 
 
-def _backward_torch(do, dlse, q, k, v, o, lse, indices, block_size, scale, cu_seqlens, impl, cu_seqlens_k):
-    segments, select_keys, chunk = _plan(q, k, v, indices, block_size, cu_seqlens, cu_seqlens_k)
+def _backward_torch(do, dlse, q, k, v, o, lse, indices, block_size, scale, cu_seqlens, impl, cu_seqlens_k,
+                    seqlens_k):
+    segments, select_keys, chunk = _plan(q, k, v, indices, block_size, cu_seqlens, cu_seqlens_k, seqlens_k)
     return torch_attention.attention_backward(
         do, dlse, q, k, v, o, lse, resolve_scale(scale, q.shape[-1]), segments, select_keys, chunk
     )

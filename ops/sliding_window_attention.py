@@ -1,7 +1,8 @@
 """``torch.ops.fsa.sliding_window_attention``: query at position t attends keys ``t - window_size < s <= t``.
 
 q [B, Tq, Hq, D], k [B, Tk, Hkv, D], v [B, Tk, Hkv, Dv] -> o [B, Tq, Hq, Dv], lse [B, Tq, Hq] (float32).
-Differentiable in q, k, v. With ``cu_seqlens`` the window stays inside each sequence.
+Differentiable in q, k, v. With ``cu_seqlens`` the window stays inside each sequence; with ``seqlens_k`` (a batch
+of caches) row b's queries are the last Tq of its first ``seqlens_k[b]`` keys.
 
 Kernels: Triton masked flash attention (``_kernels/masked_attention.py``) that visits only the key tiles of
 the window (cost O(T * window)), on CUDA and on CPU tensors under ``TRITON_INTERPRET=1`` with the CPU kernel
@@ -19,22 +20,23 @@ from ._library import define_attention_op, resolve_scale
 from ._masked_attention import masked_attention_backward, masked_attention_forward
 
 SCHEMA = ("(Tensor q, Tensor k, Tensor v, SymInt window_size, float? scale=None, Tensor? cu_seqlens=None, "
-          "Tensor? cu_seqlens_k=None) -> (Tensor, Tensor)")
+          "Tensor? cu_seqlens_k=None, Tensor? seqlens_k=None) -> (Tensor, Tensor)")
 
 
 
-def _check_inputs(q, k, v, window_size, scale, cu_seqlens, cu_seqlens_k) -> None:
+def _check_inputs(q, k, v, window_size, scale, cu_seqlens, cu_seqlens_k, seqlens_k) -> None:
     check.check_qkv(q, k, v)
     check.check_positive("window_size", window_size)
     check.check_cu_seqlens(cu_seqlens, q, k.shape[1], cu_seqlens_k)
+    check.check_seqlens_k(seqlens_k, q, cu_seqlens)
     check.check_keys_cover_queries(q, k)
 
 
 # ---- CPU path ----------------------------------------------------------------------------------------------
 
-def _plan(q, k, window_size, cu_seqlens, cu_seqlens_k):
+def _plan(q, k, window_size, cu_seqlens, cu_seqlens_k, seqlens_k):
     """Segments and the key selector of the CPU kernel."""
-    segments = SequenceLayout.of(q, k.shape[1], cu_seqlens, cu_seqlens_k).segments()
+    segments = SequenceLayout.of(q, k.shape[1], cu_seqlens, cu_seqlens_k, seqlens_k).segments()
     # A chunk of C queries reads C + window - 1 keys: chunks about as long as the window waste little work.
     cap = max(64, min(window_size, 256))
     chunk = torch_attention.chunk_size(q.shape[2] * (min(window_size, k.shape[1]) + cap), cap=cap)
@@ -48,13 +50,13 @@ def _plan(q, k, window_size, cu_seqlens, cu_seqlens_k):
     return segments, select_keys, chunk
 
 
-def _forward_torch(q, k, v, window_size, scale, cu_seqlens, cu_seqlens_k):
-    segments, select_keys, chunk = _plan(q, k, window_size, cu_seqlens, cu_seqlens_k)
+def _forward_torch(q, k, v, window_size, scale, cu_seqlens, cu_seqlens_k, seqlens_k):
+    segments, select_keys, chunk = _plan(q, k, window_size, cu_seqlens, cu_seqlens_k, seqlens_k)
     return torch_attention.attention_forward(q, k, v, resolve_scale(scale, q.shape[-1]), segments, select_keys, chunk)
 
 
-def _backward_torch(do, dlse, q, k, v, o, lse, window_size, scale, cu_seqlens, cu_seqlens_k):
-    segments, select_keys, chunk = _plan(q, k, window_size, cu_seqlens, cu_seqlens_k)
+def _backward_torch(do, dlse, q, k, v, o, lse, window_size, scale, cu_seqlens, cu_seqlens_k, seqlens_k):
+    segments, select_keys, chunk = _plan(q, k, window_size, cu_seqlens, cu_seqlens_k, seqlens_k)
     return torch_attention.attention_backward(
         do, dlse, q, k, v, o, lse, resolve_scale(scale, q.shape[-1]), segments, select_keys, chunk
     )
@@ -62,16 +64,19 @@ def _backward_torch(do, dlse, q, k, v, o, lse, window_size, scale, cu_seqlens, c
 
 # ---- CUDA path ---------------------------------------------------------------------------------------------
 
-def _forward_triton(q, k, v, window_size, scale, cu_seqlens, cu_seqlens_k):
-    spans = SequenceLayout.of(q, k.shape[1], cu_seqlens, cu_seqlens_k).window_spans(window_size)
-    return masked_attention_forward(q, k, v, *spans, resolve_scale(scale, q.shape[-1]))
+def _forward_triton(q, k, v, window_size, scale, cu_seqlens, cu_seqlens_k, seqlens_k):
+    layout = SequenceLayout.of(q, k.shape[1], cu_seqlens, cu_seqlens_k, seqlens_k)
+    layout, tensors = layout.for_kernels(q, k, v)
+    o, lse = masked_attention_forward(*tensors, *layout.window_spans(window_size), resolve_scale(scale, q.shape[-1]))
+    return o.view(*q.shape[:3], -1), lse.view(q.shape[:3])
 
 
-def _backward_triton(do, dlse, q, k, v, o, lse, window_size, scale, cu_seqlens, cu_seqlens_k):
-    spans = SequenceLayout.of(q, k.shape[1], cu_seqlens, cu_seqlens_k).window_spans(window_size)
-    return masked_attention_backward(
-        do, dlse, q, k, v, o, lse, *spans, resolve_scale(scale, q.shape[-1]), max_tokens_per_key=window_size
-    )
+def _backward_triton(do, dlse, q, k, v, o, lse, window_size, scale, cu_seqlens, cu_seqlens_k, seqlens_k):
+    layout = SequenceLayout.of(q, k.shape[1], cu_seqlens, cu_seqlens_k, seqlens_k)
+    layout, tensors = layout.for_kernels(do, dlse, q, k, v, o, lse)
+    grads = masked_attention_backward(*tensors, *layout.window_spans(window_size), resolve_scale(scale, q.shape[-1]),
+                                      max_tokens_per_key=window_size)
+    return tuple(grad.view_as(x) for grad, x in zip(grads, (q, k, v)))
 
 
 # ---- registration ------------------------------------------------------------------------------------------
