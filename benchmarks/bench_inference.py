@@ -6,7 +6,8 @@ against full causal attention with a KV cache (the same projections and RoPE aro
 
 Prefill: one ``layer(x, cache=cache)`` call of T tokens into an empty cache. Decode: one token appended to a cache
 filled to the context (random keys, values and compressed keys; the cost of a step does not depend on them), at
-batch 1 and 16. bf16 on CUDA (float32 on CPU), Hkv = 4, D = 128, the layer's defaults (kernel 32/16, block 64,
+batch 1 and 16, eager and replayed from a CUDA graph (``fsa_compile.CUDAGraphStep``; the full-attention baseline's
+graphed step is a masked SDPA over its static buffer, sized to the context). bf16 on CUDA (float32 on CPU), Hkv = 4, D = 128, the layer's defaults (kernel 32/16, block 64,
 top-16, window 512). Writes ``bench_inference.json`` and ``bench_inference.png`` under ``--out``; prints a table with
 the ratios the inference issue asks for (FSA vs the NSA kernel at prefill, NSA vs full attention at decode).
 """
@@ -37,26 +38,50 @@ SMALL = dict(kernel_size=8, kernel_stride=4, block_size=16, topk=4, init_blocks=
 
 
 class FullAttentionCache:
-    """The baseline: the NSA layer's q/k/v/o projections and RoPE around causal SDPA over a preallocated KV cache."""
+    """The baseline: the NSA layer's q/k/v/o projections and RoPE around causal SDPA over a preallocated KV cache.
+
+    ``cache(x)``: SDPA over the filled keys (flash/cuDNN, shapes change with the fill); ``cache.static_step(x)``: one
+    token per row, SDPA over the whole buffer under a fill mask (static shapes, for a CUDA graph)."""
 
     def __init__(self, layer, batch_size: int, max_seqlen: int):
         shape = (batch_size, layer.num_kv_heads, max_seqlen, layer.head_dim)
         weight = layer.k_proj.weight
-        self.layer, self.seqlen = layer, 0
+        self.layer, self.seqlen, self.max_seqlen = layer, 0, max_seqlen
         self.k = torch.zeros(shape, device=weight.device, dtype=weight.dtype)
         self.v = torch.zeros_like(self.k)
+        self.seqlens = torch.zeros(batch_size, dtype=torch.int32, device=weight.device)
 
-    @torch.no_grad()
-    def __call__(self, x):
+    def _project(self, x, positions):
         layer, (batch, num_new, _) = self.layer, x.shape
-        start, end = self.seqlen, self.seqlen + num_new
-        positions = torch.arange(start, end, device=x.device)
         q = rotary_embedding(layer.q_proj(x).view(batch, num_new, layer.num_heads, layer.head_dim), positions,
                              layer.rope_theta)
         k = rotary_embedding(layer.k_proj(x).view(batch, num_new, layer.num_kv_heads, layer.head_dim), positions,
                              layer.rope_theta)
+        return q, k, layer.v_proj(x).view(batch, num_new, layer.num_kv_heads, layer.head_dim)
+
+    @torch.no_grad()
+    def static_step(self, x):
+        layer, batch = self.layer, x.shape[0]
+        position = self.seqlens.long()[:, None]  # [B, 1]
+        q, k, v = self._project(x, position)
+        rows = torch.arange(batch, device=x.device)
+        self.k[rows, :, position[:, 0]] = k[:, 0]
+        self.v[rows, :, position[:, 0]] = v[:, 0]
+        # The G query heads of a KV head as G queries of it: no GQA expansion of the keys, one mask per row.
+        group = layer.num_heads // layer.num_kv_heads
+        queries = q.view(batch, layer.num_kv_heads, group, layer.head_dim)
+        visible = (torch.arange(self.max_seqlen, device=x.device) <= position)[:, None, None, :]
+        o = F.scaled_dot_product_attention(queries, self.k, self.v, attn_mask=visible)
+        self.seqlens.add_(1)
+        self.seqlen += 1
+        return layer.o_proj(o.reshape(batch, 1, -1))
+
+    @torch.no_grad()
+    def __call__(self, x):
+        layer, num_new = self.layer, x.shape[1]
+        start, end = self.seqlen, self.seqlen + num_new
+        q, k, v = self._project(x, torch.arange(start, end, device=x.device))
         self.k[:, :, start:end] = k.transpose(1, 2)
-        v = layer.v_proj(x).view(batch, num_new, layer.num_kv_heads, layer.head_dim)
         self.v[:, :, start:end] = v.transpose(1, 2)
         # Queries are the last num_new of end keys: causal from the bottom-right corner (a mask only for chunks).
         mask = None
@@ -65,6 +90,7 @@ class FullAttentionCache:
         o = F.scaled_dot_product_attention(q.transpose(1, 2), self.k[:, :, :end], self.v[:, :, :end], attn_mask=mask,
                                            is_causal=num_new == end, enable_gqa=True)
         self.seqlen = end
+        self.seqlens.fill_(end)
         return layer.o_proj(o.transpose(1, 2).flatten(2))
 
 
@@ -89,10 +115,15 @@ def make_layer(group, impl, args, device, dtype):
 
 def filled_cache(cache, context: int) -> None:
     """Random contents up to ``context`` tokens (NSACache or FullAttentionCache)."""
-    for name in ("k", "v", "k_cmp", "v_cmp", "open_keys"):
+    for name in ("k", "v", "k_cmp", "v_cmp", "recent_keys"):
         if hasattr(cache, name):
             getattr(cache, name).normal_()
+    set_fill(cache, context)
+
+
+def set_fill(cache, context: int) -> None:
     cache.seqlen = context
+    cache.seqlens.fill_(context)
 
 
 def prefill(layer, impl, seqlen, device, dtype):
@@ -104,22 +135,30 @@ def prefill(layer, impl, seqlen, device, dtype):
 
     @torch.no_grad()
     def step():
-        cache.seqlen = 0
+        set_fill(cache, 0)
         return cache(x) if impl == "full" else layer(x, cache=cache)
 
     return time_ms(step, device)
 
 
-def decode(layer, impl, context, batch, device, dtype):
+def decode(layer, impl, context, batch, device, dtype, graphed=False):
     x = torch.randn(batch, 1, layer.hidden_size, device=device, dtype=dtype)
     cache = (FullAttentionCache(layer, batch, context + 1) if impl == "full"
              else fsa_compile.NSACache(layer, batch, context + 1))
     filled_cache(cache, context)
+    with torch.no_grad():
+        if impl == "full":
+            run = cache.static_step if graphed else cache
+        else:
+            def run(x):
+                return layer(x, cache=cache)
+        if graphed:
+            run = fsa_compile.CUDAGraphStep(run, [cache], x)
 
     @torch.no_grad()
     def step():
-        cache.seqlen = context
-        return cache(x) if impl == "full" else layer(x, cache=cache)
+        set_fill(cache, context)
+        return run(x)
 
     return time_ms(step, device)
 
@@ -139,21 +178,22 @@ def main() -> None:
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     sizes = [256, 512] if args.small else [16384, 65536, 131072]
-    seqlens, contexts = args.seqlens or sizes, args.contexts or sizes
+    seqlens, contexts = args.seqlens or (sizes if args.small else [16384, 32768, 65536, 131072]), args.contexts or sizes
     meta = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
             "torch": torch.__version__, "dtype": str(dtype), "layer": SMALL if args.small else "defaults",
             "time": time.strftime("%Y-%m-%d %H:%M:%S")}
+    decode_phases = ["decode", "decode-graph"] if device.type == "cuda" else ["decode"]
     work = [("prefill", g, i, t, 1) for g in args.groups for t in seqlens for i in args.impls]
-    work += [("decode", g, i, c, b) for g in args.groups for c in contexts for b in args.batches for i in args.impls]
+    work += [(p, g, i, c, b) for p in decode_phases for g in args.groups for c in contexts for b in args.batches
+             for i in args.impls]
     rows, layers = [], {}
     for phase, group, impl, tokens, batch in tqdm(work, desc="configs"):
         key = (group, "fsa" if impl == "full" else impl)
         if key not in layers:
             layers[key] = make_layer(group, key[1], args, device, dtype)
-        run = prefill if phase == "prefill" else decode
         try:
-            ms = (run(layers[key], impl, tokens, device, dtype) if phase == "prefill"
-                  else run(layers[key], impl, tokens, batch, device, dtype))
+            ms = (prefill(layers[key], impl, tokens, device, dtype) if phase == "prefill"
+                  else decode(layers[key], impl, tokens, batch, device, dtype, graphed=phase == "decode-graph"))
         except torch.OutOfMemoryError:
             ms = float("nan")
         rows.append(dict(phase=phase, group=group, impl=impl, tokens=tokens, batch=batch, ms=ms))
@@ -167,13 +207,13 @@ def main() -> None:
 def print_table(rows, meta) -> None:
     print(f"\n{meta['device']}  torch {meta['torch']}  {meta['dtype']}  Hkv=4")
     impls = list(dict.fromkeys(r["impl"] for r in rows))
-    print(f"{'phase':>8} {'G':>2} {'tokens':>7} {'B':>3} " + " ".join(f"{i:>10}" for i in impls)
+    print(f"{'phase':>12} {'G':>2} {'tokens':>7} {'B':>3} " + " ".join(f"{i:>10}" for i in impls)
           + "   fsa/nsa  full/fsa")
     for key in dict.fromkeys((r["phase"], r["group"], r["tokens"], r["batch"]) for r in rows):
         cell = {r["impl"]: r["ms"] for r in rows if (r["phase"], r["group"], r["tokens"], r["batch"]) == key}
         speed = cell.get("nsa", float("nan")) / cell.get("fsa", float("nan"))
         versus_full = cell.get("full", float("nan")) / cell.get("fsa", float("nan"))
-        print(f"{key[0]:>8} {key[1]:>2} {key[2]:>7} {key[3]:>3} "
+        print(f"{key[0]:>12} {key[1]:>2} {key[2]:>7} {key[3]:>3} "
               + " ".join(f"{cell.get(i, float('nan')):8.3f}ms" for i in impls)
               + f"   {speed:6.2f}x  {versus_full:7.2f}x")
 
@@ -197,6 +237,7 @@ def plot(rows, path: Path, meta) -> None:
         ax.set_yscale("log")
         ax.set_title(f"{phase}, G={group}, B={batch}")
         ax.set_xlabel("prompt tokens" if phase == "prefill" else "context")
+        ax.grid(alpha=0.3)
         ax.set_ylabel("ms" if phase == "prefill" else "ms per token")
     axes[0][0].legend(fontsize=7)
     fig.suptitle(f"NSA layer inference, {meta['device']}")

@@ -5,7 +5,8 @@
                                                                # retrieval queries with the cache
     python examples/generate.py --temperature 0.8 --top-k 20 --new-tokens 64
 
-Prints prefill tokens/s and decode tokens/s. With a checkpoint of ``examples/train.py`` it rebuilds that run's model
+Prints prefill tokens/s and decode tokens/s. On CUDA the decode step is captured once in a CUDA graph and replayed
+(``fsa_compile.CUDAGraphStep``; ``--no-cuda-graph`` runs it eagerly). With a checkpoint of ``examples/train.py`` it rebuilds that run's model
 and task, feeds each held-out sample up to its query key through the cache and checks the greedy next token against
 the value (the accuracy ``train.py`` reports, here computed token by token through ``NSACache``).
 """
@@ -20,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from fsa_compile import CUDAGraphStep
 from fsa_compile.models import ModelConfig, NSAConfig, Transformer
 
 
@@ -63,9 +65,10 @@ def sample_next(logits: torch.Tensor, temperature: float, top_k: int | None, gen
 
 @torch.no_grad()
 def generate(model: Transformer, prompt: torch.Tensor, new_tokens: int, temperature: float = 0.0,
-             top_k: int | None = None, generator=None) -> tuple[torch.Tensor, dict]:
+             top_k: int | None = None, generator=None, cuda_graph: bool | None = None) -> tuple[torch.Tensor, dict]:
     """prompt int64 [B, T] -> (the new tokens [B, new_tokens], timings). One prefill call, then one call per token,
-    all through one ``NSACache`` per layer."""
+    all through one ``NSACache`` per layer; the decode step replayed from a CUDA graph when ``cuda_graph`` (default:
+    on CUDA)."""
     batch, prompt_len = prompt.shape
     cache = model.make_cache(batch, prompt_len + new_tokens)
     synchronize = torch.cuda.synchronize if prompt.is_cuda else (lambda: None)
@@ -74,15 +77,26 @@ def generate(model: Transformer, prompt: torch.Tensor, new_tokens: int, temperat
     token = sample_next(model(prompt, cache=cache)[:, -1], temperature, top_k, generator)
     synchronize()
     prefill_s = time.perf_counter() - start
+
+    def step(tokens):
+        return model(tokens, cache=cache)[:, -1]
+
+    capture_s = 0.0
+    if (prompt.is_cuda if cuda_graph is None else cuda_graph) and new_tokens > 1:
+        start = time.perf_counter()
+        step = CUDAGraphStep(step, cache, token)
+        synchronize()
+        capture_s = time.perf_counter() - start
     out = [token]
     start = time.perf_counter()
     for _ in range(new_tokens - 1):
-        token = sample_next(model(token, cache=cache)[:, -1], temperature, top_k, generator)
+        token = sample_next(step(token), temperature, top_k, generator)
         out.append(token)
     synchronize()
     decode_s = time.perf_counter() - start
     timings = {"prefill_tokens_per_s": batch * prompt_len / prefill_s,
-               "decode_tokens_per_s": batch * (new_tokens - 1) / decode_s if new_tokens > 1 else float("nan")}
+               "decode_tokens_per_s": batch * (new_tokens - 1) / decode_s if new_tokens > 1 else float("nan"),
+               "cuda_graph_capture_s": capture_s}
     return torch.cat(out, dim=1), timings
 
 
@@ -110,6 +124,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--top-k", type=int, default=None)
     parser.add_argument("--samples", type=int, default=32, help="held-out retrieval samples (with --checkpoint)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--no-cuda-graph", action="store_true", help="decode eagerly on CUDA")
     args = parser.parse_args(argv)
     for name in ("prompt_len", "batch", "new_tokens", "samples"):
         if getattr(args, name) < 1:
@@ -134,7 +149,8 @@ def main(argv=None) -> dict:
         model, vocab_size = Transformer(config, device=device).eval(), config.vocab_size
     prompt = torch.randint(0, vocab_size, (args.batch, args.prompt_len), device=device)
     generator = torch.Generator(device=device).manual_seed(args.seed)
-    new, timings = generate(model, prompt, args.new_tokens, args.temperature, args.top_k, generator)
+    new, timings = generate(model, prompt, args.new_tokens, args.temperature, args.top_k, generator,
+                            cuda_graph=device.type == "cuda" and not args.no_cuda_graph)
     result.update(timings)
     print(f"prompt {args.batch} x {args.prompt_len} tokens on {device}: "
           f"prefill {timings['prefill_tokens_per_s']:,.0f} tokens/s, decode {timings['decode_tokens_per_s']:,.0f} tokens/s")

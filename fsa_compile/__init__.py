@@ -15,7 +15,7 @@ from fsa_compile.functional import (
     selected_attention,
     sliding_window_attention,
 )
-from fsa_compile.kv_cache import NSACache
+from fsa_compile.kv_cache import CUDAGraphStep, NSACache
 from fsa_compile.modules import FlashSparseAttention
 
 lowerings.register()
@@ -23,6 +23,7 @@ lowerings.register()
 __version__ = "0.1.0"
 
 __all__ = [
+    "CUDAGraphStep",
     "FlashSparseAttention",
     "NSACache",
     "check_cu_seqlens",

@@ -60,6 +60,13 @@ def compress(x, weight, pos_emb, kernel_size: int, kernel_stride: int, cu_seqlen
     return out
 
 
+def compress_windows(windows, weight, pos_emb):
+    """``compress`` of windows already gathered: windows [B, W, kernel_size, H, D] -> [B, W, H, Dout] (no autograd
+    workaround: for inference, ``NSACache``)."""
+    flat = (windows + pos_emb.transpose(0, 1)).permute(0, 3, 1, 2, 4).flatten(3)  # [B, H, W, ks * D]
+    return torch.matmul(flat, weight).transpose(1, 2)
+
+
 def rotary_embedding(x: torch.Tensor, positions: torch.Tensor, theta: float = 10000.0) -> torch.Tensor:
     """Rotate-half RoPE. x [B, T, H, D] (D even), positions [T] or [B, T] -> [B, T, H, D]."""
     half = x.shape[-1] // 2

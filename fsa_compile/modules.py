@@ -32,7 +32,8 @@ class FlashSparseAttention(nn.Module):
     Shapes:
         forward(x [B, T, hidden_size], cu_seqlens: int32 [N+1] or None) -> [B, T, hidden_size];
         with cu_seqlens, x is packed as [1, total, hidden_size]. With ``cache=NSACache(layer, ...)``, x's tokens
-        follow the cached ones and are appended to the cache (inference).
+        follow the cached ones and are appended to the cache (inference); ``lengths`` (int [B], with a cache)
+        says how many of x's n tokens each row really has (right-padded prompts of different lengths).
     """
 
     def __init__(
@@ -118,12 +119,15 @@ class FlashSparseAttention(nn.Module):
         gates = torch.sigmoid(self.gate_proj(x)).view(batch, num_tokens, self.num_heads, 3)
         return q, k, v, gates
 
-    def forward(self, x: Tensor, cu_seqlens: Tensor | None = None, cache: NSACache | None = None) -> Tensor:
+    def forward(self, x: Tensor, cu_seqlens: Tensor | None = None, cache: NSACache | None = None,
+                lengths: Tensor | None = None) -> Tensor:
         if cache is not None:
             if cu_seqlens is not None:
                 raise ValueError("a cache takes batched x [B, n, hidden], not packed sequences (cu_seqlens)")
             q, k, v, gates = self._heads(x)
-            branches = dict(cache.append(q, k, v), gates=gates)
+            branches = dict(cache.append(q, k, v, lengths), gates=gates)
+        elif lengths is not None:
+            raise ValueError("lengths is for appending right-padded rows to a cache; pass cache=")
         else:
             branches = self.project(x, cu_seqlens)
         o = nsa_attention(

@@ -54,7 +54,7 @@ def test_chunked_layer_equals_full_forward_float64(chunks, layer_config):
         cache = fsa_compile.NSACache(layer, batch_size=2, max_seqlen=sum(chunks) + 5)
         chunked = run_chunked(layer, x, chunks, cache)
     torch.testing.assert_close(chunked, full, rtol=0, atol=1e-12)
-    assert cache.seqlen == sum(chunks)
+    assert cache.seqlen == sum(chunks) and cache.seqlens.tolist() == [sum(chunks)] * 2
 
 
 def test_cache_holds_the_compressed_tokens_of_the_full_sequence():
@@ -64,10 +64,38 @@ def test_cache_holds_the_compressed_tokens_of_the_full_sequence():
     with torch.no_grad():
         run_chunked(layer, x, (5, 1, 1, 2, 30, 22), cache)
         full = layer.project(x)
-    assert cache.num_compressed == full["k_cmp"].shape[1] == (61 - 8) // 4 + 1
-    torch.testing.assert_close(cache.k_cmp[:, : cache.num_compressed], full["k_cmp"], rtol=0, atol=1e-13)
-    torch.testing.assert_close(cache.v_cmp[:, : cache.num_compressed], full["v_cmp"], rtol=0, atol=1e-13)
+    windows = full["k_cmp"].shape[1]
+    assert windows == (61 - 8) // 4 + 1
+    torch.testing.assert_close(cache.k_cmp[:, :windows], full["k_cmp"], rtol=0, atol=1e-13)
+    torch.testing.assert_close(cache.v_cmp[:, :windows], full["v_cmp"], rtol=0, atol=1e-13)
     torch.testing.assert_close(cache.k[:, :61], full["k"], rtol=0, atol=1e-13)
+
+
+@pytest.mark.parametrize("layer_config", LAYERS.values(), ids=LAYERS.keys())
+def test_rows_of_different_lengths(layer_config):
+    """Right-padded prompts of lengths (37, 9, 50, 1) with ``lengths``, then decode steps and a chunk: each row's
+    outputs are those of its own sequence alone; the cache's compressed keys are those of each full sequence."""
+    layer = make_small_layer(**layer_config, dtype=torch.float64)
+    prompt_lengths, steps, tail = (37, 9, 50, 1), 6, 11
+    longest = max(prompt_lengths) + steps + tail
+    x = torch.randn(4, longest, layer.hidden_size, device=DEVICE, dtype=torch.float64)
+    cache = fsa_compile.NSACache(layer, 4, longest)
+    lengths = torch.tensor(prompt_lengths, device=DEVICE)
+    with torch.no_grad():
+        prompt = torch.stack([torch.cat([x[b, :n], torch.zeros_like(x[b, n:50])]) for b, n in enumerate(prompt_lengths)])
+        outputs = [layer(prompt, cache=cache, lengths=lengths)]
+        # Row b continues with its own tokens n, n+1, ...
+        follow = torch.stack([x[b, n : n + steps + tail] for b, n in enumerate(prompt_lengths)])
+        outputs += [layer(follow[:, i : i + 1], cache=cache) for i in range(steps)]
+        outputs.append(layer(follow[:, steps:], cache=cache))
+        assert cache.seqlens.tolist() == [n + steps + tail for n in prompt_lengths]
+        for b, n in enumerate(prompt_lengths):
+            sequence = torch.cat([x[b : b + 1, :n], follow[b : b + 1]], dim=1)
+            alone = layer(sequence)
+            torch.testing.assert_close(outputs[0][b, :n], alone[0, :n], rtol=0, atol=1e-12)
+            torch.testing.assert_close(torch.cat([o[b] for o in outputs[1:]]), alone[0, n:], rtol=0, atol=1e-12)
+            windows = layer.project(sequence)["k_cmp"]
+            torch.testing.assert_close(cache.k_cmp[b, : windows.shape[1]], windows[0], rtol=0, atol=1e-13)
 
 
 @pytest.mark.skipif(DEVICE != "cpu", reason="the interpreter path; the GPU runs the kernels in the bf16 test below")
@@ -93,6 +121,33 @@ def test_chunked_layer_equals_full_forward_bf16(group):
         full = layer(x)
         chunked = run_chunked(layer, x, (3000, *([1] * 16), 1080), fsa_compile.NSACache(layer, 1, 4096))
     assert_close("chunked", full.float(), chunked.float(), RATIO[torch.bfloat16])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("group", [1, 4])
+def test_decode_under_a_cuda_graph_equals_eager(group):
+    """bf16, the layer's defaults: rows prefilled to 3000 and 2200 tokens (``lengths``), then 40 decode steps (two
+    compressed windows complete in each row) replayed from one captured graph: equal to the eager steps, and each
+    row close to its own sequence's full forward."""
+    layer = make_layer(hidden_size=512, num_heads=4 * group, num_kv_heads=4, head_dim=128, dtype=torch.bfloat16)
+    prompt_lengths, steps = (3000, 2200), 40
+    x = torch.randn(2, 3000 + steps, 512, device=DEVICE, dtype=torch.bfloat16)
+    follow = torch.stack([x[b, n : n + steps] for b, n in enumerate(prompt_lengths)])
+    caches = [fsa_compile.NSACache(layer, 2, 3000 + steps) for _ in range(2)]
+    lengths = torch.tensor(prompt_lengths, device=DEVICE)
+    with torch.no_grad():
+        for cache in caches:
+            layer(x[:, :3000], cache=cache, lengths=lengths)
+        graph = fsa_compile.CUDAGraphStep(lambda token: layer(token, cache=caches[1]), [caches[1]], follow[:, :1])
+        eager = torch.cat([layer(follow[:, i : i + 1], cache=caches[0]) for i in range(steps)], dim=1)
+        graphed = torch.cat([graph(follow[:, i : i + 1]).clone() for i in range(steps)], dim=1)
+        torch.testing.assert_close(graphed, eager, rtol=0, atol=0)
+        assert caches[1].seqlens.tolist() == [n + steps for n in prompt_lengths] and caches[1].seqlen == 3000 + steps
+        for b, n in enumerate(prompt_lengths):
+            alone = layer(torch.cat([x[b : b + 1, :n], follow[b : b + 1]], dim=1))
+            assert_close(f"row {b}", alone[0, n:].float(), graphed[b].float(), RATIO[torch.bfloat16])
+        with pytest.raises(ValueError, match="the captured shape"):
+            graph(follow)
 
 
 def test_reorder_follows_beams():

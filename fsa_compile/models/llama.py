@@ -148,11 +148,12 @@ class DecoderBlock(nn.Module):
         self.mlp_norm = nn.RMSNorm(c.hidden_size, eps=c.norm_eps, **factory)
         self.mlp = SwiGLU(c.hidden_size, c.intermediate_size, **factory)
 
-    def forward(self, x: Tensor, cu_seqlens: Tensor | None = None, cache: NSACache | None = None) -> Tensor:
+    def forward(self, x: Tensor, cu_seqlens: Tensor | None = None, cache: NSACache | None = None,
+                lengths: Tensor | None = None) -> Tensor:
         if cache is None:
             x = x + self.attention(self.attention_norm(x), cu_seqlens)
         else:
-            x = x + self.attention(self.attention_norm(x), cache=cache)
+            x = x + self.attention(self.attention_norm(x), cache=cache, lengths=lengths)
         return x + self.mlp(self.mlp_norm(x))
 
 
@@ -160,7 +161,8 @@ class Transformer(nn.Module):
     """A Llama-style decoder. forward(tokens int64 [B, T], cu_seqlens=None) -> logits [B, T, vocab_size].
 
     Inference: ``cache = model.make_cache(batch_size, max_seqlen)``, then ``model(tokens, cache=cache)`` for each
-    chunk of tokens (a prompt, then one token per step) returns their logits, as one full forward would."""
+    chunk of tokens (a prompt, then one token per step) returns their logits, as one full forward would; prompts of
+    different lengths go in right-padded with ``lengths`` (int [B], the real tokens of each row)."""
 
     def __init__(self, config: ModelConfig, device=None, dtype=None):
         super().__init__()
@@ -204,7 +206,8 @@ class Transformer(nn.Module):
             raise ValueError(f"a KV cache serves NSA attention; this model has attention={self.config.attention!r}")
         return [NSACache(block.attention, batch_size, max_seqlen, device, dtype) for block in self.layers]
 
-    def forward(self, tokens: Tensor, cu_seqlens: Tensor | None = None, cache: list[NSACache] | None = None) -> Tensor:
+    def forward(self, tokens: Tensor, cu_seqlens: Tensor | None = None, cache: list[NSACache] | None = None,
+                lengths: Tensor | None = None) -> Tensor:
         if tokens.dim() != 2:
             raise ValueError(f"tokens must be [B, T] int64, got shape {tuple(tokens.shape)}")
         if cu_seqlens is not None and tokens.shape[0] != 1:
@@ -213,7 +216,7 @@ class Transformer(nn.Module):
             raise ValueError(f"cache must hold one NSACache per layer ({len(self.layers)}), got {len(cache)}")
         x = self.embedding(tokens)
         for i, block in enumerate(self.layers):
-            x = block(x, cu_seqlens) if cache is None else block(x, cache=cache[i])
+            x = block(x, cu_seqlens) if cache is None else block(x, cache=cache[i], lengths=lengths)
         return self.head(self.norm(x))
 
     def num_parameters(self) -> int:
