@@ -2,7 +2,8 @@
 attention.
 
 Compressed and window attention both give each query token t a contiguous span of key rows
-``[key_lo[t], key_hi[t])`` that only moves forward with t (``SequenceLayout.compressed_spans`` / ``window_spans``).
+``[key_lo[t], key_hi[t])`` that only moves forward with t (``SequenceLayout.compressed_spans`` / ``window_spans``):
+int64 [Tq], or [B, Tq] for a batch of caches of different fills (each batch row its own tables).
 """
 
 from __future__ import annotations
@@ -21,13 +22,21 @@ from ._library import attention_outputs_like
 
 
 def query_spans(key_lo, key_hi, num_keys: int):
-    """The inverse tables: the tokens ``[query_lo[j], query_hi[j])`` that see key row j.
+    """The inverse tables: the tokens ``[query_lo[j], query_hi[j])`` that see key row j ([Tk], or [B, Tk] for
+    per-row tables).
 
     Token t sees j iff ``key_lo[t] <= j < key_hi[t]``; both bounds are non-decreasing in t, so these are two
     searchsorted calls.
     """
-    keys = torch.arange(num_keys, device=key_lo.device)
+    keys = torch.arange(num_keys, device=key_lo.device).expand(*key_lo.shape[:-1], num_keys).contiguous()
     return torch.searchsorted(key_hi, keys, right=True), torch.searchsorted(key_lo, keys, right=True)
+
+
+def _span_tables(key_lo, key_hi):
+    """int32 tables and their batch-row stride (0: one table for every row)."""
+    stride = key_lo.shape[-1] if key_lo.dim() == 2 else 0
+    return dict(key_lo=key_lo.to(torch.int32).contiguous(), key_hi=key_hi.to(torch.int32).contiguous(),
+                span_stride=stride)
 
 
 def _config(q, k, v):
@@ -46,7 +55,7 @@ def masked_attention_forward(q, k, v, key_lo, key_hi, scale: float):
     batch, num_queries = q.shape[:2]
     config = _config(q, k, v)
     o, lse = attention_outputs_like(q, v.shape[-1])
-    spans = dict(key_lo=key_lo.to(torch.int32), key_hi=key_hi.to(torch.int32))
+    spans = _span_tables(key_lo, key_hi)
 
     def launch(settings):
         settings = _rows(settings, config)
@@ -80,7 +89,7 @@ def masked_attention_backward(do, dlse, q, k, v, o, lse, key_lo, key_hi, scale: 
     config = _config(q, k, v)
     delta = softmax_backward_delta(do, o, dlse)
     query_lo, query_hi = query_spans(key_lo, key_hi, num_keys)
-    tables = dict(key_lo=key_lo.to(torch.int32), key_hi=key_hi.to(torch.int32))
+    tables = _span_tables(key_lo, key_hi)
     dq = torch.empty_like(q)
     max_tokens_per_key = num_queries if max_tokens_per_key is None else min(num_queries, max_tokens_per_key)
     common = dict(q=q, k=k, v=v, do=do, lse=lse.contiguous(), delta=delta, **tables, scale=scale, Tq=num_queries,
@@ -104,7 +113,7 @@ def masked_attention_backward(do, dlse, q, k, v, o, lse, key_lo, key_hi, scale: 
         grid = (triton.cdiv(num_keys, settings["BLOCK_N"]), batch * config["HKV"], chunks)
         launcher(_masked_attention_bwd_dkdv_kernel, grid)(
             query_lo=query_lo.to(torch.int32), query_hi=query_hi.to(torch.int32), dk=dk, dv=dv,
-            chunk_tokens=chunk_tokens, **common, **settings,
+            chunk_tokens=chunk_tokens, query_span_stride=num_keys if query_lo.dim() == 2 else 0, **common, **settings,
         )
         if chunks == 1:
             return dk, dv

@@ -84,22 +84,20 @@ def _backward_torch(do, dlse, q, k_cmp, v_cmp, o, lse, kernel_size, kernel_strid
 
 # ---- CUDA path ---------------------------------------------------------------------------------------------
 
+# Batched caches (seqlens_k) give per-row span tables [B, Tq]: the masked kernels take them as they are.
+
 def _forward_triton(q, k_cmp, v_cmp, kernel_size, kernel_stride, scale, cu_seqlens, seqlen_k, cu_seqlens_k,
                     seqlens_k):
     layout = SequenceLayout.of(q, seqlen_k, cu_seqlens, cu_seqlens_k, seqlens_k)
-    layout, tensors = layout.for_kernels(q, k_cmp, v_cmp, compressed_rows=k_cmp.shape[1])
     spans = layout.compressed_spans(kernel_size, kernel_stride)
-    o, lse = masked_attention_forward(*tensors, *spans, resolve_scale(scale, q.shape[-1]))
-    return o.view(*q.shape[:3], -1), lse.view(q.shape[:3])
+    return masked_attention_forward(q, k_cmp, v_cmp, *spans, resolve_scale(scale, q.shape[-1]))
 
 
 def _backward_triton(do, dlse, q, k_cmp, v_cmp, o, lse, kernel_size, kernel_stride, scale, cu_seqlens, seqlen_k,
                      cu_seqlens_k, seqlens_k):
     layout = SequenceLayout.of(q, seqlen_k, cu_seqlens, cu_seqlens_k, seqlens_k)
-    layout, tensors = layout.for_kernels(do, dlse, q, k_cmp, v_cmp, o, lse, compressed_rows=k_cmp.shape[1])
     spans = layout.compressed_spans(kernel_size, kernel_stride)
-    grads = masked_attention_backward(*tensors, *spans, resolve_scale(scale, q.shape[-1]))
-    return tuple(grad.view_as(x) for grad, x in zip(grads, (q, k_cmp, v_cmp)))
+    return masked_attention_backward(do, dlse, q, k_cmp, v_cmp, o, lse, *spans, resolve_scale(scale, q.shape[-1]))
 
 
 # ---- registration ------------------------------------------------------------------------------------------

@@ -64,19 +64,18 @@ def _backward_torch(do, dlse, q, k, v, o, lse, window_size, scale, cu_seqlens, c
 
 # ---- CUDA path ---------------------------------------------------------------------------------------------
 
+# Batched caches (seqlens_k) give per-row span tables [B, Tq]: the masked kernels take them as they are.
+
 def _forward_triton(q, k, v, window_size, scale, cu_seqlens, cu_seqlens_k, seqlens_k):
-    layout = SequenceLayout.of(q, k.shape[1], cu_seqlens, cu_seqlens_k, seqlens_k)
-    layout, tensors = layout.for_kernels(q, k, v)
-    o, lse = masked_attention_forward(*tensors, *layout.window_spans(window_size), resolve_scale(scale, q.shape[-1]))
-    return o.view(*q.shape[:3], -1), lse.view(q.shape[:3])
+    spans = SequenceLayout.of(q, k.shape[1], cu_seqlens, cu_seqlens_k, seqlens_k).window_spans(window_size)
+    return masked_attention_forward(q, k, v, *spans, resolve_scale(scale, q.shape[-1]))
 
 
 def _backward_triton(do, dlse, q, k, v, o, lse, window_size, scale, cu_seqlens, cu_seqlens_k, seqlens_k):
-    layout = SequenceLayout.of(q, k.shape[1], cu_seqlens, cu_seqlens_k, seqlens_k)
-    layout, tensors = layout.for_kernels(do, dlse, q, k, v, o, lse)
-    grads = masked_attention_backward(*tensors, *layout.window_spans(window_size), resolve_scale(scale, q.shape[-1]),
-                                      max_tokens_per_key=window_size)
-    return tuple(grad.view_as(x) for grad, x in zip(grads, (q, k, v)))
+    spans = SequenceLayout.of(q, k.shape[1], cu_seqlens, cu_seqlens_k, seqlens_k).window_spans(window_size)
+    return masked_attention_backward(
+        do, dlse, q, k, v, o, lse, *spans, resolve_scale(scale, q.shape[-1]), max_tokens_per_key=window_size
+    )
 
 
 # ---- registration ------------------------------------------------------------------------------------------

@@ -6,8 +6,9 @@ and both spans only move forward with t. So one masked flash-attention family se
 in the tables they build (``ops/_masked_attention.py``).
 
 Layout (contiguous): q [B, Tq, HQ, D], k [B, Tk, HKV, D], v [B, Tk, HKV, DV], lse/delta [B, Tq, HQ] float32.
-Tables are int32 rows within one batch row: key_lo/key_hi [Tq]; for the backward also query_lo/query_hi [Tk],
-the span of query tokens that see key j. A program works on one KV head and packs the G query heads of the
+Tables are int32 rows within one batch row: key_lo/key_hi [Tq], or [B, Tq] per batch row (``span_stride`` = Tq,
+else 0: a batch of caches of different fills); for the backward also query_lo/query_hi [Tk] (or [B, Tk],
+``query_span_stride``), the span of query tokens that see key j. A program works on one KV head and packs the G query heads of the
 group into its rows (row r = token ``r // GP``, head ``r % GP``), so each K/V tile it loads serves all G heads.
 
 - forward: program = (tile of BLOCK_M // GP tokens, batch * KV head); online softmax over its key span.
@@ -51,7 +52,7 @@ def _load_query_tile(q, key_lo, key_hi, token, rows, row_valid, Tq, Tk, D: tl.co
 
 @triton.jit
 def _masked_attention_fwd_kernel(
-    q, k, v, key_lo, key_hi, o, lse, scale, Tq, Tk,
+    q, k, v, key_lo, key_hi, o, lse, scale, Tq, Tk, span_stride,
     HQ: tl.constexpr, HKV: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
@@ -59,7 +60,8 @@ def _masked_attention_fwd_kernel(
     b, h, token, rows, row_valid = _query_tile(
         tl.program_id(0) * (BLOCK_M // GP), tl.program_id(1), Tq, HQ, HKV, G, GP, BLOCK_M
     )
-    lo_row, hi_row, qv = _load_query_tile(q, key_lo, key_hi, token, rows, row_valid, Tq, Tk, D, BLOCK_D)
+    lo_row, hi_row, qv = _load_query_tile(q, key_lo + b * span_stride, key_hi + b * span_stride, token, rows,
+                                          row_valid, Tq, Tk, D, BLOCK_D)
     _, qk_scale = fp32_scales(scale)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
@@ -87,7 +89,7 @@ def _masked_attention_fwd_kernel(
 
 @triton.jit
 def _masked_attention_bwd_dq_kernel(
-    q, k, v, do, lse, delta, key_lo, key_hi, dq, scale, Tq, Tk,
+    q, k, v, do, lse, delta, key_lo, key_hi, dq, scale, Tq, Tk, span_stride,
     HQ: tl.constexpr, HKV: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
@@ -95,7 +97,8 @@ def _masked_attention_bwd_dq_kernel(
     b, h, token, rows, row_valid = _query_tile(
         tl.program_id(0) * (BLOCK_M // GP), tl.program_id(1), Tq, HQ, HKV, G, GP, BLOCK_M
     )
-    lo_row, hi_row, qv = _load_query_tile(q, key_lo, key_hi, token, rows, row_valid, Tq, Tk, D, BLOCK_D)
+    lo_row, hi_row, qv = _load_query_tile(q, key_lo + b * span_stride, key_hi + b * span_stride, token, rows,
+                                          row_valid, Tq, Tk, D, BLOCK_D)
     scale, qk_scale = fp32_scales(scale)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
@@ -121,7 +124,8 @@ def _masked_attention_bwd_dq_kernel(
 
 @triton.jit
 def _masked_attention_bwd_dkdv_kernel(
-    q, k, v, do, lse, delta, key_lo, key_hi, query_lo, query_hi, dk, dv, scale, Tq, Tk, chunk_tokens,
+    q, k, v, do, lse, delta, key_lo, key_hi, query_lo, query_hi, dk, dv, scale, Tq, Tk, chunk_tokens, span_stride,
+    query_span_stride,
     HQ: tl.constexpr, HKV: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
@@ -140,6 +144,8 @@ def _masked_attention_bwd_dkdv_kernel(
     # The tokens that see these keys, or this program's chunk of them (program_id(2); chunk_tokens is a multiple
     # of the tokens per step, so the chunks split the same steps as one loop would).
     chunk = tl.program_id(2)
+    query_lo += b * query_span_stride
+    query_hi += b * query_span_stride
     first = tl.min(tl.load(query_lo + keys, mask=in_range, other=Tq), 0) + chunk * chunk_tokens
     last = tl.minimum(tl.max(tl.load(query_hi + keys, mask=in_range, other=0), 0), first + chunk_tokens)
 
@@ -147,7 +153,8 @@ def _masked_attention_bwd_dkdv_kernel(
     dv_acc = tl.zeros([BLOCK_N, BLOCK_DV], tl.float32)
     for token_start in range(first, last, BLOCK_M // GP):
         _, _, token, rows, row_valid = _query_tile(token_start, bh, Tq, HQ, HKV, G, GP, BLOCK_M)
-        lo_row, hi_row, qv = _load_query_tile(q, key_lo, key_hi, token, rows, row_valid, Tq, Tk, D, BLOCK_D)
+        lo_row, hi_row, qv = _load_query_tile(q, key_lo + b * span_stride, key_hi + b * span_stride, token, rows,
+                                              row_valid, Tq, Tk, D, BLOCK_D)
         dov, lse2, row_delta = load_gradient_rows(do, lse, delta, rows, row_valid, DV, BLOCK_DV)
         visible = row_valid[:, None] & (keys[None, :] >= lo_row[:, None]) & (keys[None, :] < hi_row[:, None])
         p = tl.exp2(masked_scores(qv, kt, visible, qk_scale, INPUT_PRECISION) - lse2[:, None])  # [M, N]
