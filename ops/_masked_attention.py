@@ -8,6 +8,8 @@ int64 [Tq], or [B, Tq] for a batch of caches of different fills (each batch row 
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 
@@ -49,24 +51,54 @@ def _rows(settings, config):
     return dict(settings, BLOCK_M=max(settings["BLOCK_M"], config["GP"]))
 
 
-def masked_attention_forward(q, k, v, key_lo, key_hi, scale: float):
-    """-> o [B, Tq, Hq, Dv] (q.dtype), lse [B, Tq, Hq] float32; a token with an empty span gets o=0, lse=-inf."""
+def _key_splits(q, config, max_span: int | None) -> int:
+    """Splits of each key span in the forward: enough programs to fill the GPU when there are few query tiles
+    (decode: one token per row) and long spans (``max_span`` keys at most; None: never split)."""
+    if max_span is None or q.device.type != "cuda" and _settings.get("masked_fwd_programs") is None:
+        return 1
+    tokens_per_program = _rows(_settings.get("masked_fwd", q.dtype, config["G"], config["D"])[0], config)["BLOCK_M"]
+    programs = triton.cdiv(q.shape[1], tokens_per_program // config["GP"]) * q.shape[0] * config["HKV"]
+    target = _settings.get("masked_fwd_programs") or 2 * _multiprocessors(q.device)
+    return max(1, min(triton.cdiv(target, programs), max_span // _settings.get("masked_fwd_split_min_keys")))
+
+
+@functools.cache
+def _multiprocessors(device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def masked_attention_forward(q, k, v, key_lo, key_hi, scale: float, max_span: int | None = None):
+    """-> o [B, Tq, Hq, Dv] (q.dtype), lse [B, Tq, Hq] float32; a token with an empty span gets o=0, lse=-inf.
+
+    max_span: a bound on the keys any token sees; with few query tiles, long spans are split over programs
+    (split-K) and the float32 partials merged by log-sum-exp."""
     q, k, v = (x.contiguous() for x in (q, k, v))
     batch, num_queries = q.shape[:2]
     config = _config(q, k, v)
-    o, lse = attention_outputs_like(q, v.shape[-1])
+    splits = _key_splits(q, config, max_span)
+    if splits == 1:
+        o, lse = attention_outputs_like(q, v.shape[-1])
+    else:
+        o = q.new_empty((splits, *q.shape[:3], v.shape[-1]), dtype=torch.float32)
+        lse = q.new_empty((splits, *q.shape[:3]), dtype=torch.float32)
     spans = _span_tables(key_lo, key_hi)
+    split_len = triton.cdiv(max_span, splits) if splits > 1 else 0
 
     def launch(settings):
         settings = _rows(settings, config)
-        grid = (triton.cdiv(num_queries, settings["BLOCK_M"] // config["GP"]), batch * config["HKV"])
+        grid = (triton.cdiv(num_queries, settings["BLOCK_M"] // config["GP"]), batch * config["HKV"], splits)
         launcher(_masked_attention_fwd_kernel, grid)(
-            q, k, v, **spans, o=o, lse=lse, scale=scale, Tq=num_queries, Tk=k.shape[1], **config, **settings
+            q, k, v, **spans, o=o, lse=lse, scale=scale, Tq=num_queries, Tk=k.shape[1], split_len=split_len,
+            **config, **settings,
         )
 
     if q.numel() > 0:
         launch_fitting("masked_fwd", launch, q, config)
-    return o, lse
+    if splits == 1:
+        return o, lse
+    merged_lse = torch.logsumexp(lse, dim=0)
+    weights = torch.exp(lse - merged_lse).nan_to_num_(0.0)  # a token that sees nothing: exp(-inf - -inf)
+    return (weights.unsqueeze(-1) * o).sum(0).to(q.dtype), merged_lse
 
 
 def _query_chunks(max_tokens_per_key: int, tokens_per_step: int) -> tuple[int, int]:

@@ -52,6 +52,11 @@ _LAUNCH_SETTINGS: dict[tuple, object] = {
     # this many tokens, each its own program (compressed attention: the spans are long and uneven).
     ("masked_dkdv_max_chunks", None, None, None): 8,
     ("masked_dkdv_chunk_tokens", None, None, None): 4096,
+    # The masked forward splits long key spans (decode: one token per row) over programs until about this many
+    # programs run (None: twice the GPU's multiprocessors; the interpreter never splits unless set), each split
+    # at least this many keys.
+    ("masked_fwd_programs", None, None, None): None,
+    ("masked_fwd_split_min_keys", None, None, None): 512,
 }
 
 

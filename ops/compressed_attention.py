@@ -90,7 +90,8 @@ def _forward_triton(q, k_cmp, v_cmp, kernel_size, kernel_stride, scale, cu_seqle
                     seqlens_k):
     layout = SequenceLayout.of(q, seqlen_k, cu_seqlens, cu_seqlens_k, seqlens_k)
     spans = layout.compressed_spans(kernel_size, kernel_stride)
-    return masked_attention_forward(q, k_cmp, v_cmp, *spans, resolve_scale(scale, q.shape[-1]))
+    return masked_attention_forward(q, k_cmp, v_cmp, *spans, resolve_scale(scale, q.shape[-1]),
+                                    max_span=k_cmp.shape[1])
 
 
 def _backward_triton(do, dlse, q, k_cmp, v_cmp, o, lse, kernel_size, kernel_stride, scale, cu_seqlens, seqlen_k,

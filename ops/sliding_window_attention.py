@@ -68,7 +68,8 @@ def _backward_torch(do, dlse, q, k, v, o, lse, window_size, scale, cu_seqlens, c
 
 def _forward_triton(q, k, v, window_size, scale, cu_seqlens, cu_seqlens_k, seqlens_k):
     spans = SequenceLayout.of(q, k.shape[1], cu_seqlens, cu_seqlens_k, seqlens_k).window_spans(window_size)
-    return masked_attention_forward(q, k, v, *spans, resolve_scale(scale, q.shape[-1]))
+    return masked_attention_forward(q, k, v, *spans, resolve_scale(scale, q.shape[-1]),
+                                    max_span=min(window_size, k.shape[1]))
 
 
 def _backward_triton(do, dlse, q, k, v, o, lse, window_size, scale, cu_seqlens, cu_seqlens_k, seqlens_k):

@@ -11,7 +11,9 @@ else 0: a batch of caches of different fills); for the backward also query_lo/qu
 ``query_span_stride``), the span of query tokens that see key j. A program works on one KV head and packs the G query heads of the
 group into its rows (row r = token ``r // GP``, head ``r % GP``), so each K/V tile it loads serves all G heads.
 
-- forward: program = (tile of BLOCK_M // GP tokens, batch * KV head); online softmax over its key span.
+- forward: program = (tile of BLOCK_M // GP tokens, batch * KV head, key split); online softmax over its key span,
+  or over the ``split_len`` keys of split ``program_id(2)`` of it (few long spans: decode), each split writing
+  float32 partials ``o, lse [splits, B, Tq, HQ, ...]`` that the launcher merges.
 - backward: ``dq`` like the forward; ``dk, dv`` one program per tile of BLOCK_N keys looping over the tokens
   that see them, or over one chunk of them when their span is long (compressed keys are seen by up to all
   tokens: without chunks, few long programs would leave most SMs idle). Chunks write float32 partial sums
@@ -52,7 +54,7 @@ def _load_query_tile(q, key_lo, key_hi, token, rows, row_valid, Tq, Tk, D: tl.co
 
 @triton.jit
 def _masked_attention_fwd_kernel(
-    q, k, v, key_lo, key_hi, o, lse, scale, Tq, Tk, span_stride,
+    q, k, v, key_lo, key_hi, o, lse, scale, Tq, Tk, span_stride, split_len,
     HQ: tl.constexpr, HKV: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
@@ -62,6 +64,10 @@ def _masked_attention_fwd_kernel(
     )
     lo_row, hi_row, qv = _load_query_tile(q, key_lo + b * span_stride, key_hi + b * span_stride, token, rows,
                                           row_valid, Tq, Tk, D, BLOCK_D)
+    split = tl.program_id(2)
+    lo_row = lo_row + split * split_len  # split_len = 0: one split, the whole span
+    hi_row = tl.where(split_len > 0, tl.minimum(hi_row, lo_row + split_len), hi_row)
+    rows += split.to(tl.int64) * (tl.num_programs(1) // HKV) * Tq * HQ  # split s writes partials [s]
     _, qk_scale = fp32_scales(scale)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)

@@ -69,6 +69,28 @@ def test_compressed(path, dtype, fills):
             q, k, v, KS, STRIDE, seqlen_k=BUFFER, seqlens_k=seqlens_k), (q, k_cmp, v_cmp), dtype)
 
 
+@pytest.mark.parametrize("op", ["window", "compressed"])
+@pytest.mark.parametrize("fills", FILLS.values(), ids=FILLS.keys())
+def test_split_keys_forward(fills, op):
+    """The masked forward split over programs (split-K, forced here on small spans), merged by log-sum-exp."""
+    from fsa_compile.ops import _settings
+
+    q, k, v, seqlens_k = cache_inputs(torch.float32, *fills)
+    k_cmp, v_cmp = compressed_keys(torch.float32, fills[1])
+    with _settings.override("masked_fwd_programs", 1000), _settings.override("masked_fwd_split_min_keys", 3), \
+            attention_path("triton", sliding_window_attention.sliding_window_attention,
+                           sliding_window_attention.sliding_window_attention_backward,
+                           compressed_attention.compressed_attention, compressed_attention.compressed_attention_backward):
+        if op == "window":
+            out = fsa_compile.sliding_window_attention(q, k, v, 17, seqlens_k=seqlens_k)
+            check_attention(out, lambda q, k, v: reference.sliding_window_attention(q, k, v, 17, seqlens_k=seqlens_k),
+                            (q, k, v), torch.float32)
+        else:
+            out = fsa_compile.compressed_attention(q, k_cmp, v_cmp, KS, STRIDE, seqlen_k=BUFFER, seqlens_k=seqlens_k)
+            check_attention(out, lambda q, k, v: reference.compressed_attention(
+                q, k, v, KS, STRIDE, seqlen_k=BUFFER, seqlens_k=seqlens_k), (q, k_cmp, v_cmp), torch.float32)
+
+
 @pytest.mark.parametrize("fills", FILLS.values(), ids=FILLS.keys())
 @pytest.mark.parametrize("path", PATHS)
 def test_select_blocks_exactly(path, fills):
