@@ -6,8 +6,8 @@ against full causal attention with a KV cache (the same projections and RoPE aro
 
 Prefill: one ``layer(x, cache=cache)`` call of T tokens into an empty cache. Decode: one token appended to a cache
 filled to the context (random keys, values and compressed keys; the cost of a step does not depend on them), at
-batch 1 and 16, eager and replayed from a CUDA graph (``fsa_compile.CUDAGraphStep``; the full-attention baseline's
-graphed step is a masked SDPA over its static buffer, sized to the context). bf16 on CUDA (float32 on CPU), Hkv = 4, D = 128, the layer's defaults (kernel 32/16, block 64,
+batch 1 and 16: eager, replayed from a CUDA graph (``fsa_compile.CUDAGraphStep``) and compiled then replayed (the
+full-attention baseline's graphed step is a masked SDPA over its static buffer, sized to the context). bf16 on CUDA (float32 on CPU), Hkv = 4, D = 128, the layer's defaults (kernel 32/16, block 64,
 top-16, window 512). Writes ``bench_inference.json`` and ``bench_inference.png`` under ``--out``; prints a table with
 the ratios the inference issue asks for (FSA vs the NSA kernel at prefill, NSA vs full attention at decode).
 """
@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import fsa_compile  # noqa: E402
-from _harness import cuda_time_ms, write_json  # noqa: E402
+from _harness import cuda_time_ms, print_kernel_table, write_json  # noqa: E402
 from fsa_compile.compression import rotary_embedding  # noqa: E402
 
 try:
@@ -141,7 +141,7 @@ def prefill(layer, impl, seqlen, device, dtype):
     return time_ms(step, device)
 
 
-def decode(layer, impl, context, batch, device, dtype, graphed=False):
+def decode(layer, impl, context, batch, device, dtype, graphed=False, compiled=False, profile=False):
     x = torch.randn(batch, 1, layer.hidden_size, device=device, dtype=dtype)
     cache = (FullAttentionCache(layer, batch, context + 1) if impl == "full"
              else fsa_compile.NSACache(layer, batch, context + 1))
@@ -152,6 +152,8 @@ def decode(layer, impl, context, batch, device, dtype, graphed=False):
         else:
             def run(x):
                 return layer(x, cache=cache)
+        if compiled:
+            run = torch.compile(run, dynamic=False)
         if graphed:
             run = fsa_compile.CUDAGraphStep(run, [cache], x)
 
@@ -160,6 +162,8 @@ def decode(layer, impl, context, batch, device, dtype, graphed=False):
         set_fill(cache, context)
         return run(x)
 
+    if profile:
+        print_kernel_table(step, f"decode step {impl} context={context} B={batch}", rows=40)
     return time_ms(step, device)
 
 
@@ -173,6 +177,11 @@ def main() -> None:
     parser.add_argument("--groups", type=int, nargs="+", default=[1, 4])
     parser.add_argument("--head-dim", type=int, default=128)
     parser.add_argument("--impls", nargs="+", default=["fsa", "nsa", "full"], choices=["fsa", "nsa", "full"])
+    parser.add_argument("--phases", nargs="+", default=["prefill", "decode", "decode-graph", "decode-compiled-graph"],
+                        choices=["prefill", "decode", "decode-graph", "decode-compiled-graph"],
+                        help="decode: eager steps; -graph: replayed from a CUDA graph; -compiled-graph: torch.compile "
+                             "then a CUDA graph (one compile per shape)")
+    parser.add_argument("--profile", action="store_true", help="print the CUDA kernels of each NSA decode step")
     parser.add_argument("--out", type=Path, default=Path("bench_out"))
     args = parser.parse_args()
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -182,10 +191,10 @@ def main() -> None:
     meta = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
             "torch": torch.__version__, "dtype": str(dtype), "layer": SMALL if args.small else "defaults",
             "time": time.strftime("%Y-%m-%d %H:%M:%S")}
-    decode_phases = ["decode", "decode-graph"] if device.type == "cuda" else ["decode"]
-    work = [("prefill", g, i, t, 1) for g in args.groups for t in seqlens for i in args.impls]
-    work += [(p, g, i, c, b) for p in decode_phases for g in args.groups for c in contexts for b in args.batches
-             for i in args.impls]
+    phases = [p for p in args.phases if device.type == "cuda" or p in ("prefill", "decode")]
+    work = [("prefill", g, i, t, 1) for g in args.groups for t in seqlens for i in args.impls if "prefill" in phases]
+    work += [(p, g, i, c, b) for p in phases if p != "prefill" for g in args.groups for c in contexts
+             for b in args.batches for i in args.impls]
     rows, layers = [], {}
     for phase, group, impl, tokens, batch in tqdm(work, desc="configs"):
         key = (group, "fsa" if impl == "full" else impl)
@@ -193,7 +202,8 @@ def main() -> None:
             layers[key] = make_layer(group, key[1], args, device, dtype)
         try:
             ms = (prefill(layers[key], impl, tokens, device, dtype) if phase == "prefill"
-                  else decode(layers[key], impl, tokens, batch, device, dtype, graphed=phase == "decode-graph"))
+                  else decode(layers[key], impl, tokens, batch, device, dtype, graphed="graph" in phase,
+                              compiled="compiled" in phase, profile=args.profile and impl != "full"))
         except torch.OutOfMemoryError:
             ms = float("nan")
         rows.append(dict(phase=phase, group=group, impl=impl, tokens=tokens, batch=batch, ms=ms))

@@ -73,9 +73,7 @@ class NSACache:
         layer, (batch, num_new) = self.layer, q.shape[:2]
         if batch != self.batch_size:
             raise ValueError(f"x must have the cache's batch_size={self.batch_size} rows, got {batch}")
-        if self.seqlen + num_new > self.max_seqlen:
-            raise ValueError(f"the cache holds max_seqlen={self.max_seqlen} tokens: {self.seqlen} + {num_new} do "
-                             f"not fit")
+        self._reserve(num_new)
         fill = self.seqlens.long()
         # A device tensor either way: a Python int would become a host-to-device copy, which a CUDA graph forbids.
         added = torch.full_like(fill, num_new) if lengths is None else lengths.long().clamp(0, num_new)
@@ -86,9 +84,17 @@ class NSACache:
         self._compress_completed_windows(k, fill, fill + added, rows)
         self._remember_recent_keys(k, fill, added, rows)
         self.seqlens.copy_(fill + added)
-        self.seqlen += num_new
         return dict(q=rotary_embedding(q, positions, layer.rope_theta), k=self.k, v=self.v, k_cmp=self.k_cmp,
                     v_cmp=self.v_cmp, seqlen_k=self.max_seqlen, seqlens_k=(fill + num_new).to(torch.int32))
+
+    # Host bookkeeping outside torch.compile: traced, the growing int would be a guard and recompile every step.
+    @torch.compiler.disable
+    def _reserve(self, num_new: int) -> None:
+        """Count ``num_new`` more tokens (host side), or raise if they do not fit."""
+        if self.seqlen + num_new > self.max_seqlen:
+            raise ValueError(f"the cache holds max_seqlen={self.max_seqlen} tokens: {self.seqlen} + {num_new} do "
+                             f"not fit")
+        self.seqlen += num_new
 
     def _compress_completed_windows(self, k: Tensor, fill: Tensor, end: Tensor, rows: Tensor) -> None:
         """Compress the windows that end in ``[fill, end)`` of each row: ``(n - 1) // stride + 1`` candidates per row,
@@ -125,7 +131,8 @@ class CUDAGraphStep:
     ``fn(x)`` would, for inputs of ``example``'s shape (a decode step: one token per row).
 
     ``fn(x)`` must append x's tokens to every cache of ``caches`` and return a tensor, e.g.
-    ``CUDAGraphStep(lambda tokens: model(tokens, cache=caches), caches, tokens[:, -1:])``. Capture runs ``fn`` a
+    ``CUDAGraphStep(lambda tokens: model(tokens, cache=caches), caches, tokens[:, -1:])``; ``torch.compile(fn)``
+    fuses the step's many small ops first (capture then records the compiled kernels). Capture runs ``fn`` a
     few times at the caches' current fill and then restores the fill (what it wrote past the fill is overwritten
     by the next real step). ``step(x)`` copies x into the graph's input, replays, advances the caches' host
     ``seqlen`` and returns the graph's output tensor (overwritten by the next replay: clone it to keep it).

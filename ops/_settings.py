@@ -57,6 +57,9 @@ _LAUNCH_SETTINGS: dict[tuple, object] = {
     # at least this many keys.
     ("masked_fwd_programs", None, None, None): None,
     ("masked_fwd_split_min_keys", None, None, None): 512,
+    # select_blocks of batched rows with at most this many queries (decode) runs as PyTorch: one batched matmul over
+    # the compressed keys instead of one program per (row, KV head) walking them.
+    ("select_blocks_few_queries", None, None, None): 16,
 }
 
 

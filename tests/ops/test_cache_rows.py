@@ -91,16 +91,23 @@ def test_split_keys_forward(fills, op):
                 q, k, v, KS, STRIDE, seqlen_k=BUFFER, seqlens_k=seqlens_k), (q, k_cmp, v_cmp), torch.float32)
 
 
+@pytest.mark.parametrize("few_queries", [0, 16], ids=["kernel", "few-queries"])
 @pytest.mark.parametrize("fills", FILLS.values(), ids=FILLS.keys())
 @pytest.mark.parametrize("path", PATHS)
-def test_select_blocks_exactly(path, fills):
+def test_select_blocks_exactly(path, fills, few_queries):
+    """On the device path, rows of at most ``select_blocks_few_queries`` queries take the PyTorch selection, others
+    the Triton kernel (as one packed row)."""
+    from fsa_compile.ops import _settings
+
+    if path == "torch" and few_queries:
+        pytest.skip("the CPU path has no few-queries variant")
     q, _, _, seqlens_k = cache_inputs(torch.float64, *fills)
     k_cmp, _ = compressed_keys(torch.float64, fills[1])
     q, k_cmp = q.detach(), k_cmp.detach()
     _, lse = fsa_compile.compressed_attention(q, k_cmp, k_cmp, KS, STRIDE, seqlen_k=BUFFER, seqlens_k=seqlens_k)
     args = (q, k_cmp, lse, KS, STRIDE, BLOCK, 3, 1, 1, None, None, BUFFER, None, seqlens_k)
     context = attention_path(path, select_blocks.select_blocks) if path == "triton" else contextlib.nullcontext()
-    with context:
+    with context, _settings.override("select_blocks_few_queries", few_queries):
         # The interpreter's float64 goes to the PyTorch kernel: compare the Triton kernel in float32 instead.
         got = fsa_compile.select_blocks(*(x.float() if isinstance(x, torch.Tensor) and x.is_floating_point() else x
                                           for x in args)) if path == "triton" else fsa_compile.select_blocks(*args)

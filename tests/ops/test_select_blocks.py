@@ -7,10 +7,15 @@ from fsa_compile.ops.select_blocks import select_blocks
 from tests._testing import ATTENTION_PATHS, DEVICE, SMALL_CASES, attention_path, cpu_kernel_disabled, make_qkv
 
 
-@pytest.fixture(params=ATTENTION_PATHS)
+@pytest.fixture(params=(*ATTENTION_PATHS, "few-queries"))
 def path(request):
-    """select_blocks through the PyTorch CPU kernel or the fused Triton kernel (interpreter on CPU)."""
-    with attention_path(request.param, select_blocks):
+    """select_blocks through the PyTorch CPU kernel, the fused Triton kernel (interpreter on CPU) or, on the device
+    path, the PyTorch selection of batched calls with few queries (here: up to 64)."""
+    from fsa_compile.ops import _settings
+
+    few_queries = 64 if request.param == "few-queries" else 0
+    with attention_path("triton" if few_queries else request.param, select_blocks), \
+            _settings.override("select_blocks_few_queries", few_queries):
         yield request.param
 
 # (kernel_size, kernel_stride, block_size, topk, init_blocks, local_blocks)
@@ -151,7 +156,7 @@ def test_realistic_sizes_bf16(group):
     k_cmp = torch.randn(1, (T - 32) // 16 + 1, hkv, d, dtype=torch.bfloat16, device=DEVICE)
     _, lse = fsa_compile.compressed_attention(q, k_cmp, k_cmp, 32, 16)
     got = fsa_compile.select_blocks(q, k_cmp, lse, 32, 16, 64, 16, 1, 2)
-    want = _select_blocks_torch(q.float(), k_cmp.float(), lse, 32, 16, 64, 16, 1, 2, None, None, None)
+    want = _select_blocks_torch(q.float(), k_cmp.float(), lse, 32, 16, 64, 16, 1, 2, None, None, None, None, None)
     assert torch.equal(got >= 0, want >= 0)
     check_format(got, 16, 64, T - 1)
     same = (got.unsqueeze(-1) == want.unsqueeze(-2)).any(-1) | (got < 0)
