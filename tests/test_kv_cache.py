@@ -127,7 +127,7 @@ def test_chunked_layer_equals_full_forward_bf16(group):
 @pytest.mark.parametrize("group", [1, 4])
 def test_decode_under_a_cuda_graph_equals_eager(group):
     """bf16, the layer's defaults: rows prefilled to 3000 and 2200 tokens (``lengths``), then 40 decode steps (two
-    compressed windows complete in each row) replayed from one captured graph: equal to the eager steps, and each
+    compressed windows complete in each row) replayed from one captured graph: close to the eager steps, and each
     row close to its own sequence's full forward."""
     layer = make_layer(hidden_size=512, num_heads=4 * group, num_kv_heads=4, head_dim=128, dtype=torch.bfloat16)
     prompt_lengths, steps = (3000, 2200), 40
@@ -141,7 +141,8 @@ def test_decode_under_a_cuda_graph_equals_eager(group):
         graph = fsa_compile.CUDAGraphStep(lambda token: layer(token, cache=caches[1]), [caches[1]], follow[:, :1])
         eager = torch.cat([layer(follow[:, i : i + 1], cache=caches[0]) for i in range(steps)], dim=1)
         graphed = torch.cat([graph(follow[:, i : i + 1]).clone() for i in range(steps)], dim=1)
-        torch.testing.assert_close(graphed, eager, rtol=0, atol=0)
+        # Not bitwise: cuBLAS may pick other kernels while a graph is captured (seen on an H100: 1-ulp differences).
+        assert_close("graphed vs eager", eager.float(), graphed.float(), RATIO[torch.bfloat16])
         assert caches[1].seqlens.tolist() == [n + steps for n in prompt_lengths] and caches[1].seqlen == 3000 + steps
         for b, n in enumerate(prompt_lengths):
             alone = layer(torch.cat([x[b : b + 1, :n], follow[b : b + 1]], dim=1))
