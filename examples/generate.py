@@ -6,7 +6,8 @@
     python examples/generate.py --temperature 0.8 --top-k 20 --new-tokens 64
 
 Prints prefill tokens/s and decode tokens/s. On CUDA the decode step is captured once in a CUDA graph and replayed
-(``fsa_compile.CUDAGraphStep``; ``--no-cuda-graph`` runs it eagerly). With a checkpoint of ``examples/train.py`` it rebuilds that run's model
+(``fsa_compile.CUDAGraphStep``; ``--compile`` compiles it first, ``--no-cuda-graph`` runs it eagerly). With a
+checkpoint of ``examples/train.py`` it rebuilds that run's model
 and task, feeds each held-out sample up to its query key through the cache and checks the greedy next token against
 the value (the accuracy ``train.py`` reports, here computed token by token through ``NSACache``).
 """
@@ -65,10 +66,11 @@ def sample_next(logits: torch.Tensor, temperature: float, top_k: int | None, gen
 
 @torch.no_grad()
 def generate(model: Transformer, prompt: torch.Tensor, new_tokens: int, temperature: float = 0.0,
-             top_k: int | None = None, generator=None, cuda_graph: bool | None = None) -> tuple[torch.Tensor, dict]:
+             top_k: int | None = None, generator=None, cuda_graph: bool | None = None,
+             compile_step: bool = False) -> tuple[torch.Tensor, dict]:
     """prompt int64 [B, T] -> (the new tokens [B, new_tokens], timings). One prefill call, then one call per token,
     all through one ``NSACache`` per layer; the decode step replayed from a CUDA graph when ``cuda_graph`` (default:
-    on CUDA)."""
+    on CUDA), compiled first with ``compile_step``."""
     batch, prompt_len = prompt.shape
     cache = model.make_cache(batch, prompt_len + new_tokens)
     synchronize = torch.cuda.synchronize if prompt.is_cuda else (lambda: None)
@@ -84,7 +86,7 @@ def generate(model: Transformer, prompt: torch.Tensor, new_tokens: int, temperat
     capture_s = 0.0
     if (prompt.is_cuda if cuda_graph is None else cuda_graph) and new_tokens > 1:
         start = time.perf_counter()
-        step = CUDAGraphStep(step, cache, token)
+        step = CUDAGraphStep(torch.compile(step, dynamic=False) if compile_step else step, cache, token)
         synchronize()
         capture_s = time.perf_counter() - start
     out = [token]
@@ -125,6 +127,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--samples", type=int, default=32, help="held-out retrieval samples (with --checkpoint)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-cuda-graph", action="store_true", help="decode eagerly on CUDA")
+    parser.add_argument("--compile", action="store_true",
+                        help="torch.compile the decode step before capturing it (CUDA)")
     args = parser.parse_args(argv)
     for name in ("prompt_len", "batch", "new_tokens", "samples"):
         if getattr(args, name) < 1:
@@ -150,7 +154,7 @@ def main(argv=None) -> dict:
     prompt = torch.randint(0, vocab_size, (args.batch, args.prompt_len), device=device)
     generator = torch.Generator(device=device).manual_seed(args.seed)
     new, timings = generate(model, prompt, args.new_tokens, args.temperature, args.top_k, generator,
-                            cuda_graph=device.type == "cuda" and not args.no_cuda_graph)
+                            cuda_graph=device.type == "cuda" and not args.no_cuda_graph, compile_step=args.compile)
     result.update(timings)
     print(f"prompt {args.batch} x {args.prompt_len} tokens on {device}: "
           f"prefill {timings['prefill_tokens_per_s']:,.0f} tokens/s, decode {timings['decode_tokens_per_s']:,.0f} tokens/s")

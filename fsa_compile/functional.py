@@ -4,7 +4,8 @@ Tensor conventions (DESIGN.md): token-major ``q [B, Tq, Hq, D]``, ``k, v [B, Tk,
 position ``Tk - Tq + i``; ``cu_seqlens`` (int32 [N+1], B == 1) packs independent sequences, whose keys are the
 same tokens unless ``cu_seqlens_k`` packs them on their own (each sequence's queries the last of its keys);
 ``seqlens_k`` (int32 [B]) makes ``k, v`` a batch of caches: row b holds ``seqlens_k[b]`` keys, its queries are the
-last Tq of them (the buffers' rows past it are never read; static shapes for CUDA graphs); query head h uses KV head ``h // (Hq // Hkv)``; ``scale`` defaults to ``D ** -0.5``; ``lse`` is float32.
+last Tq of them (the buffers' rows past it are never read; static shapes for CUDA graphs); query head h uses KV
+head ``h // (Hq // Hkv)``; ``scale`` defaults to ``D ** -0.5``; ``lse`` is float32.
 Every op validates its inputs and raises ``ValueError``/``TypeError`` before any kernel runs.
 """
 

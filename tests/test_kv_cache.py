@@ -82,7 +82,8 @@ def test_rows_of_different_lengths(layer_config):
     cache = fsa_compile.NSACache(layer, 4, longest)
     lengths = torch.tensor(prompt_lengths, device=DEVICE)
     with torch.no_grad():
-        prompt = torch.stack([torch.cat([x[b, :n], torch.zeros_like(x[b, n:50])]) for b, n in enumerate(prompt_lengths)])
+        prompt = torch.stack([torch.cat([x[b, :n], torch.zeros_like(x[b, n:50])])
+                              for b, n in enumerate(prompt_lengths)])
         outputs = [layer(prompt, cache=cache, lengths=lengths)]
         # Row b continues with its own tokens n, n+1, ...
         follow = torch.stack([x[b, n : n + steps + tail] for b, n in enumerate(prompt_lengths)])

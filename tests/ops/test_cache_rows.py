@@ -80,7 +80,8 @@ def test_split_keys_forward(fills, op):
     with _settings.override("masked_fwd_programs", 1000), _settings.override("masked_fwd_split_min_keys", 3), \
             attention_path("triton", sliding_window_attention.sliding_window_attention,
                            sliding_window_attention.sliding_window_attention_backward,
-                           compressed_attention.compressed_attention, compressed_attention.compressed_attention_backward):
+                           compressed_attention.compressed_attention,
+                           compressed_attention.compressed_attention_backward):
         if op == "window":
             out = fsa_compile.sliding_window_attention(q, k, v, 17, seqlens_k=seqlens_k)
             check_attention(out, lambda q, k, v: reference.sliding_window_attention(q, k, v, 17, seqlens_k=seqlens_k),
