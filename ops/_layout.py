@@ -8,7 +8,8 @@ Three layouts, as in FlashAttention:
 - **packed**: B == 1, ``cu_seqlens_q`` / ``cu_seqlens_k`` (int32 [N+1]) give each sequence's query rows and key
   rows; a sequence's queries are the last of its keys. ``cu_seqlens_k`` defaults to ``cu_seqlens_q`` (Tq == Tk);
 - **batched caches**: ``seqlens_k`` (int32 [B]) keys are filled in row b; its Tq queries are the last Tq of them.
-  The CUDA paths run it as one packed row of B sequences whose key spans are the B buffers (``flattened``).
+  The masked kernels take per-row span tables; select_blocks and selected attention run it as one packed row of
+  B sequences whose key spans are the B buffers (``flattened``).
 
 Device tables are computed on first use, sync-free and sized from shapes only, so the CUDA paths stay
 capturable by CUDA graphs. Offsets are first made safe to index with (``sequence_bounds``): the CUDA paths cannot
@@ -129,8 +130,9 @@ class SequenceLayout:
     def flattened(self, compressed_rows: int = 0) -> SequenceLayout:
         """Batched caches as one packed row (B == 1) of B sequences: sequence b has the queries ``[b*Tq, (b+1)*Tq)``
         and the key rows ``[b*Tk, b*Tk + seqlens_k[b])`` of its buffer; its compressed keys start at row
-        ``b * compressed_rows``. The CUDA paths run caches through their packed kernels on the flattened tensors
-        (``for_kernels``); the tables are the same sync-free device tables."""
+        ``b * compressed_rows``. select_blocks and selected attention run caches through their packed kernels on
+        the flattened tensors (``for_kernels``); the tables are the same sync-free device tables. (Not the masked
+        kernels: a tile of their queries would span every row's buffer.)"""
         batch, num_queries, num_keys = self.batch, self.num_queries, self.num_keys
         starts = torch.arange(batch + 1, device=self.device, dtype=torch.int32)
         flat = SequenceLayout(1, batch * num_queries, batch * num_keys, self.device, starts * num_queries,

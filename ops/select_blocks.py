@@ -104,7 +104,6 @@ def _select_blocks_torch(
         num_cmp = segment.key_end - segment.key_start
         num_blocks = -(-num_keys // block_size)
         width = max(num_blocks, topk)
-        block_ids = torch.arange(width, device=q.device)
         chunk = torch_attention.chunk_size(hq * max(1, num_cmp) + hkv * width)
         for start in range(segment.query_start, segment.query_end, chunk):
             end = min(start + chunk, segment.query_end)
@@ -121,15 +120,23 @@ def _select_blocks_torch(
             scores = torch.nn.functional.pad(scores, (0, width - num_blocks), value=float("-inf"))
 
             last_block = (torch.arange(first, first + n, device=q.device) // block_size).view(n, 1, 1)
-            candidate = block_ids <= last_block
-            forced = candidate & ((block_ids < init_blocks) | (block_ids > last_block - local_blocks))
-            scores = scores.masked_fill(~candidate, float("-inf")).masked_fill(forced, float("inf"))
-            # A stable descending sort keeps the lower block first among equal scores.
-            ranked, order = torch.sort(scores, dim=-1, descending=True, stable=True)
-            chosen = order[..., :topk].masked_fill(ranked[..., :topk] == float("-inf"), width)
-            chosen = torch.sort(chosen, dim=-1).values
-            out[b, start:end] = chosen.masked_fill(chosen == width, -1).to(torch.int32)
+            out[b, start:end] = _top_blocks(scores, last_block, topk, init_blocks, local_blocks)
     return out
+
+
+def _top_blocks(scores, last_block, topk: int, init_blocks: int, local_blocks: int):
+    """The selection rule on block scores ``[..., width]`` (width >= topk) of queries whose own block is
+    ``last_block`` (broadcast): forced blocks first, then the highest scores among the causal ones, ties to the lower
+    block; int32 ``[..., topk]`` ascending, ``-1`` last."""
+    width = scores.shape[-1]
+    block_ids = torch.arange(width, device=scores.device)
+    candidate = block_ids <= last_block
+    forced = candidate & ((block_ids < init_blocks) | (block_ids > last_block - local_blocks))
+    scores = scores.masked_fill(~candidate, float("-inf")).masked_fill(forced, float("inf"))
+    # A stable descending sort keeps the lower block first among equal scores.
+    ranked, order = torch.sort(scores, dim=-1, descending=True, stable=True)
+    chosen = torch.sort(order[..., :topk].masked_fill(ranked[..., :topk] == float("-inf"), width), dim=-1).values
+    return chosen.masked_fill(chosen == width, -1).to(torch.int32)
 
 
 # ---- CUDA path ---------------------------------------------------------------------------------------------
@@ -188,14 +195,7 @@ def _select_blocks_few_queries(q, k_cmp, lse, kernel_size, kernel_stride, block_
     probs = torch.where(visible[:, :, None, None, :], torch.exp(logits), 0.0).sum(3)  # [B, Tq, Hkv, Tc]
     width = max(triton.cdiv(layout.num_keys, block_size), topk)
     scores = _pool_onto_blocks(probs, kernel_size, kernel_stride, block_size, width)
-    block_ids = torch.arange(width, device=q.device)
-    last_block = (positions // block_size)[..., None, None]
-    candidate = block_ids <= last_block
-    forced = candidate & ((block_ids < init_blocks) | (block_ids > last_block - local_blocks))
-    scores = scores.masked_fill(~candidate, float("-inf")).masked_fill(forced, float("inf"))
-    ranked, order = torch.sort(scores, dim=-1, descending=True, stable=True)
-    chosen = torch.sort(order[..., :topk].masked_fill(ranked[..., :topk] == float("-inf"), width), dim=-1).values
-    return chosen.masked_fill(chosen == width, -1).to(torch.int32)
+    return _top_blocks(scores, (positions // block_size)[..., None, None], topk, init_blocks, local_blocks)
 
 
 def _select_blocks_triton(
