@@ -11,14 +11,17 @@ the offsets from ``cu_seqlens``. With ``seqlens_k`` (a batch of caches, ``seqlen
 has ``seqlens_k[b]`` keys, its compressed keys are the first rows of ``k_cmp[b]``. Differentiable in q, k_cmp,
 v_cmp.
 
-Kernels: Triton masked flash attention (``_kernels/masked_attention.py``) on CUDA and on CPU tensors under
-``TRITON_INTERPRET=1`` with the CPU kernel disabled; vectorised PyTorch on CPU and for float64.
+Kernels: on CUDA, whole equal-length sequences in 16-bit run cuDNN's dense causal attention over regrouped
+queries (``_compressed_dense``) from the lengths where it is faster; otherwise Triton masked flash attention
+(``_kernels/masked_attention.py``), also on CPU tensors under ``TRITON_INTERPRET=1`` with the CPU kernel disabled;
+vectorised PyTorch on CPU and for float64.
 """
 
 from __future__ import annotations
 
 import torch
 
+from . import _compressed_dense as dense
 from . import _torch_attention as torch_attention
 from . import _validation as check
 from ._layout import SequenceLayout, visible_compressed
@@ -88,6 +91,8 @@ def _backward_torch(do, dlse, q, k_cmp, v_cmp, o, lse, kernel_size, kernel_strid
 
 def _forward_triton(q, k_cmp, v_cmp, kernel_size, kernel_stride, scale, cu_seqlens, seqlen_k, cu_seqlens_k,
                     seqlens_k):
+    if dense.applies(q, k_cmp, v_cmp, kernel_size, kernel_stride, cu_seqlens, seqlen_k, cu_seqlens_k, seqlens_k):
+        return dense.forward(q, k_cmp, v_cmp, kernel_size, kernel_stride, resolve_scale(scale, q.shape[-1]))
     layout = SequenceLayout.of(q, seqlen_k, cu_seqlens, cu_seqlens_k, seqlens_k)
     spans = layout.compressed_spans(kernel_size, kernel_stride)
     return masked_attention_forward(q, k_cmp, v_cmp, *spans, resolve_scale(scale, q.shape[-1]),
@@ -96,6 +101,9 @@ def _forward_triton(q, k_cmp, v_cmp, kernel_size, kernel_stride, scale, cu_seqle
 
 def _backward_triton(do, dlse, q, k_cmp, v_cmp, o, lse, kernel_size, kernel_stride, scale, cu_seqlens, seqlen_k,
                      cu_seqlens_k, seqlens_k):
+    if dlse is None and dense.applies(q, k_cmp, v_cmp, kernel_size, kernel_stride, cu_seqlens, seqlen_k,
+                                      cu_seqlens_k, seqlens_k):
+        return dense.backward(do, q, k_cmp, v_cmp, o, lse, kernel_size, kernel_stride, resolve_scale(scale, q.shape[-1]))
     layout = SequenceLayout.of(q, seqlen_k, cu_seqlens, cu_seqlens_k, seqlens_k)
     spans = layout.compressed_spans(kernel_size, kernel_stride)
     return masked_attention_backward(do, dlse, q, k_cmp, v_cmp, o, lse, *spans, resolve_scale(scale, q.shape[-1]))

@@ -1,0 +1,101 @@
+"""Compressed attention as a dense causal attention over regrouped queries: cuDNN's fast path on CUDA.
+
+Query t sees compressed keys ``0..s`` with ``s = (t - kernel_size + 1) // kernel_stride``, so the kernel_stride
+consecutive queries that share s form one query row of a plain square causal attention over the Tc compressed
+keys. The regrouping drops the first ``kernel_size - 1`` queries (they see nothing: o = 0, lse = -inf), pads the
+rest to ``Tc * kernel_stride`` and moves each row's kernel_stride queries into the head dimension:
+
+    q [B, T, Hq, D] -> [B, Hq * kernel_stride, Tc, D]     (head h * kernel_stride + r: query Tc-row s, offset r)
+
+which is GQA with groups of ``G * kernel_stride`` heads over ``k_cmp`` / ``v_cmp`` as they are. The outputs go
+back the same way (``_ungroup``). Exact: the same attention as the masked kernel, in another layout.
+
+Used on CUDA for whole equal-length sequences (no ``cu_seqlens``, ``seqlens_k``, queries = keys), 16-bit inputs
+and head dims cuDNN takes, for the groups and lengths in ``_settings`` (``compressed_dense``: measured, see
+there); everything else runs the Triton masked kernel. Forward and backward choose independently (both give
+the same lse); a backward with a gradient for lse (``dlse``) runs the Triton kernel, which takes it.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from . import _settings
+from ._layout import num_compressed
+
+
+def applies(q, k_cmp, v_cmp, kernel_size: int, kernel_stride: int, cu_seqlens, seqlen_k, cu_seqlens_k,
+            seqlens_k) -> bool:
+    """Whether this call takes the dense path (shapes and settings only: no sync)."""
+    num_tokens = q.shape[1]
+    if (not q.is_cuda or q.dtype not in (torch.float16, torch.bfloat16) or cu_seqlens is not None
+            or cu_seqlens_k is not None or seqlens_k is not None or (seqlen_k is not None and seqlen_k != num_tokens)
+            or not isinstance(num_tokens, int)):
+        return False
+    head_dim, group = q.shape[-1], q.shape[2] // k_cmp.shape[2]
+    if v_cmp.shape[-1] != head_dim or head_dim % 8 != 0 or head_dim > 128:
+        return False
+    lengths = _settings.get("compressed_dense", q.dtype, group, head_dim)
+    return (lengths is not None and num_tokens >= kernel_size
+            and (group <= lengths["max_group"] or num_tokens >= lengths["min_tokens"]))
+
+
+def _regroup(x, kernel_size: int, kernel_stride: int, num_rows: int):
+    """[B, T, H, E] -> [B, H * kernel_stride, num_rows, E] (a copy), queries ``kernel_size - 1`` on; zero padding."""
+    batch, _, heads, width = x.shape
+    rows = x[:, kernel_size - 1:]
+    rows = F.pad(rows, (0, 0, 0, 0, 0, num_rows * kernel_stride - rows.shape[1]))
+    grouped = rows.reshape(batch, num_rows, kernel_stride, heads, width).transpose(2, 3)
+    return grouped.reshape(batch, num_rows, heads * kernel_stride, width).transpose(1, 2)
+
+
+def _ungroup(y, num_tokens: int, kernel_size: int, kernel_stride: int, fill: float):
+    """The inverse of ``_regroup``: [B, H * kernel_stride, Tc, E] -> [B, T, H, E], ``fill`` before kernel_size - 1."""
+    batch, _, num_rows, width = y.shape
+    rows = y.transpose(1, 2).reshape(batch, num_rows, -1, kernel_stride, width).transpose(2, 3)
+    rows = rows.reshape(batch, num_rows * kernel_stride, -1, width)
+    out = y.new_empty(batch, num_tokens, rows.shape[2], width)
+    out[:, : kernel_size - 1] = fill
+    out[:, kernel_size - 1:] = rows[:, : num_tokens - kernel_size + 1]
+    return out
+
+
+def _cudnn_forward(q, k, v, scale):
+    """Causal attention, q [B, Hq, S, D], k, v [B, Hkv, S, D] -> o [B, Hq, S, D], lse [B, Hq, S, 1] float32."""
+    out = torch.ops.aten._scaled_dot_product_cudnn_attention(q, k, v, None, True, 0.0, True, False, scale=scale)
+    return out[0], out[1]
+
+
+def _cudnn_backward(do, q, k, v, o, lse, scale):
+    num_rows = q.shape[2]
+    no_dropout = torch.empty((), dtype=torch.int64, device=q.device)  # seed and offset, unread without dropout
+    empty = q.new_empty(0)
+    return torch.ops.aten._scaled_dot_product_cudnn_attention_backward(
+        do, q, k, v, o, lse, no_dropout, no_dropout, empty, empty, empty, num_rows, num_rows, 0.0, True, scale=scale
+    )
+
+
+def forward(q, k_cmp, v_cmp, kernel_size: int, kernel_stride: int, scale: float, attention=_cudnn_forward):
+    """-> o [B, T, Hq, D], lse [B, T, Hq] float32, as the op. ``attention``: the dense causal attention (tests pass
+    a plain PyTorch one)."""
+    num_tokens = q.shape[1]
+    num_rows = num_compressed(num_tokens, kernel_size, kernel_stride)
+    keys, values = k_cmp[:, :num_rows].transpose(1, 2), v_cmp[:, :num_rows].transpose(1, 2)
+    o, lse = attention(_regroup(q, kernel_size, kernel_stride, num_rows), keys, values, scale)
+    return (_ungroup(o, num_tokens, kernel_size, kernel_stride, 0.0),
+            _ungroup(lse.view(*lse.shape[:3], 1), num_tokens, kernel_size, kernel_stride, float("-inf")).squeeze(-1))
+
+
+def backward(do, q, k_cmp, v_cmp, o, lse, kernel_size: int, kernel_stride: int, scale: float,
+             attention_backward=_cudnn_backward):
+    """-> dq, dk_cmp, dv_cmp of ``forward`` (no lse gradient); rows of k_cmp past Tc get zero gradients."""
+    num_tokens, num_stored = q.shape[1], k_cmp.shape[1]
+    num_rows = num_compressed(num_tokens, kernel_size, kernel_stride)
+    keys, values = k_cmp[:, :num_rows].transpose(1, 2), v_cmp[:, :num_rows].transpose(1, 2)
+    grouped = [_regroup(x, kernel_size, kernel_stride, num_rows) for x in (do, q, o, lse.unsqueeze(-1))]
+    grouped[3] = grouped[3].contiguous()  # padding rows get lse 0: finite, so p = exp(0) there times do = 0
+    dq, dk, dv = attention_backward(grouped[0], grouped[1], keys, values, grouped[2], grouped[3], scale)
+    pad = (0, 0, 0, 0, 0, num_stored - num_rows)
+    return (_ungroup(dq, num_tokens, kernel_size, kernel_stride, 0.0),
+            F.pad(dk.transpose(1, 2), pad).contiguous(), F.pad(dv.transpose(1, 2), pad).contiguous())
