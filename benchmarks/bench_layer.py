@@ -7,7 +7,9 @@ Per (T, G), bf16, Hkv = 4, D = 128, hidden = Hq * D, batch 1, defaults of the la
 top-16, window 512):
 - layer forward and forward+backward (ms, median) for NSA eager and the dense-SDPA layer (eager), peak memory;
 - a per-branch breakdown on the layer's own intermediates: projections+compression, compressed attention,
-  select_blocks, selected attention, window attention (forward and forward+backward);
+  select_blocks, selected attention, window attention (forward and forward+backward), eager and (for
+  ``--compile-seqlens``) each branch compiled; the compressed branch also on the Triton kernel alone (the cuDNN
+  regrouping switched off), for the A/B;
 - for ``--compile-seqlens``: NSA compiled (``torch.compile(fullgraph=True)``, static shapes, where Inductor
   launches the ops' Triton kernels itself, and ``dynamic=True``, where the ops stay opaque calls), each also with
   CUDA graphs (``mode="reduce-overhead"``), and the CUDA kernels launched per forward+backward.
@@ -25,6 +27,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import fsa_compile  # noqa: E402
 from fsa_compile.models import FullCausalAttention  # noqa: E402
+from fsa_compile.ops import _settings as settings  # noqa: E402
 from _harness import cuda_time_ms, device_meta, peak_memory_mb, write_json  # noqa: E402
 
 try:
@@ -55,8 +58,14 @@ def forward_only(model, x):
     return run
 
 
-def branch_times(layer, x) -> dict:
-    """ms per branch, forward and forward+backward, on the layer's own intermediates."""
+def _without_dense_compressed(fn, *args):
+    with settings.override("compressed_dense", None):
+        return fn(*args)
+
+
+def branch_times(layer, x, compiled: bool = False) -> dict:
+    """ms per branch, forward and forward+backward, on the layer's own intermediates; ``compiled``: each branch
+    through ``torch.compile(fullgraph=True)`` (static shapes)."""
     L = layer
     with torch.no_grad():
         inputs = L.project(x)
@@ -67,6 +76,8 @@ def branch_times(layer, x) -> dict:
     branches = {
         "project+compress": lambda: L.project(x),
         "compressed": lambda: fsa_compile.compressed_attention(q, k_cmp, v_cmp, L.kernel_size, L.kernel_stride),
+        "compressed (Triton)": lambda: _without_dense_compressed(
+            fsa_compile.compressed_attention, q, k_cmp, v_cmp, L.kernel_size, L.kernel_stride),
         "select": lambda: fsa_compile.select_blocks(q, k_cmp, lse_cmp, L.kernel_size, L.kernel_stride,
                                                     L.block_size, L.topk, L.init_blocks, L.local_blocks),
         "selected": lambda: fsa_compile.selected_attention(q, k, v, indices, L.block_size),
@@ -74,9 +85,14 @@ def branch_times(layer, x) -> dict:
     }
     out = {}
     for name, fn in branches.items():
+        if compiled and name == "compressed (Triton)":
+            continue  # the setting is read while tracing
+        if compiled:
+            torch._dynamo.reset()
+            fn = torch.compile(fn, fullgraph=True)
         with torch.no_grad():
             out[f"{name} fwd"] = cuda_time_ms(fn)
-        if name in ("compressed", "selected", "window", "project+compress"):
+        if name != "select":  # not differentiable
             def full(fn=fn):
                 result = fn()
                 outputs = result if isinstance(result, tuple) else tuple(result.values())
@@ -111,6 +127,7 @@ def run_config(seqlen, group, compile_it, args):
         row[f"{name} peak MiB"] = peak_memory_mb(forward_backward(model, x, grad))
     row["breakdown"] = branch_times(layer, x)
     if compile_it:
+        row["breakdown compiled"] = branch_times(layer, x, compiled=True)
         row["kernels eager fwd+bwd"] = count_cuda_kernels(forward_backward(layer, x, grad))
         # static: Inductor launches the ops' Triton kernels itself; dynamic: the ops stay opaque calls.
         for tag, dynamic in (("static", False), ("dynamic", True)):
@@ -141,10 +158,12 @@ def print_table(rows):
             )
             print(f"  T={r['seqlen']} G={r['group']}: eager {r['nsa fwd+bwd']:.2f} ({r['kernels eager fwd+bwd']})  "
                   f"{parts}")
-    print("\nbreakdown (ms):")
-    for r in rows:
-        parts = "  ".join(f"{k} {v:.2f}" for k, v in r["breakdown"].items())
-        print(f"  T={r['seqlen']} G={r['group']}: {parts}")
+    for key in ("breakdown", "breakdown compiled"):
+        print(f"\n{key} (ms):")
+        for r in rows:
+            if key in r:
+                parts = "  ".join(f"{k} {v:.2f}" for k, v in r[key].items())
+                print(f"  T={r['seqlen']} G={r['group']}: {parts}")
 
 
 def plot(rows, path):

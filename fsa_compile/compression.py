@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 from fsa_compile.lowerings import compression_windows as windows_workaround
-from fsa_compile.ops import SequenceLayout
+from fsa_compile.ops import SequenceLayout, num_compressed
 
 
 def compression_windows(x, tokens, pos_emb):
@@ -48,6 +48,8 @@ def compress(x, weight, pos_emb, kernel_size: int, kernel_stride: int, cu_seqlen
     if pos_emb.shape != (heads, kernel_size, dim):
         raise ValueError(f"pos_emb must be [H, kernel_size, D] = [{heads}, {kernel_size}, {dim}], "
                          f"got {list(pos_emb.shape)}")
+    if _chunks_apply(num_tokens, kernel_size, kernel_stride, cu_seqlens, num_rows):
+        return _compress_chunks(x, weight, pos_emb, kernel_size, kernel_stride)
     layout = SequenceLayout(x.shape[0], num_tokens, num_tokens, x.device, cu_seqlens)
     first, _, valid = layout.compressed_rows(kernel_size, kernel_stride, num_rows)
     tokens = (first[:, None] + torch.arange(kernel_size, device=x.device)).clamp(max=max(num_tokens - 1, 0))
@@ -60,6 +62,30 @@ def compress(x, weight, pos_emb, kernel_size: int, kernel_stride: int, cu_seqlen
     return out
 
 
+def _chunks_apply(num_tokens, kernel_size: int, kernel_stride: int, cu_seqlens, num_rows) -> bool:
+    """Whether ``compress`` runs ``_compress_chunks``: whole sequences, Tc rows, kernel_stride dividing kernel_size."""
+    return cu_seqlens is None and num_rows is None and kernel_size % kernel_stride == 0 and num_tokens >= kernel_size
+
+
+def _compress_chunks(x, weight, pos_emb, kernel_size: int, kernel_stride: int):
+    """``compress`` of whole sequences when kernel_stride divides kernel_size, without a gather: window i is the
+    ``r = kernel_size // kernel_stride`` chunks i..i+r-1 of kernel_stride tokens, so with ``weight[h]`` cut into r
+    row blocks W_j, ``out_i = sum_j chunk_{i+j} @ W_j + flatten(pos_emb) @ weight``: one matmul of the chunks with
+    every W_j, then r shifted slices summed. Its backward is matmuls too (the gather's is an index_put)."""
+    batch, _, heads, dim = x.shape
+    num_rows = num_compressed(x.shape[1], kernel_size, kernel_stride)
+    parts = kernel_size // kernel_stride
+    num_chunks = num_rows + parts - 1
+    chunks = x[:, : num_chunks * kernel_stride].reshape(batch, num_chunks, kernel_stride, heads, dim)
+    chunks = chunks.permute(0, 3, 1, 2, 4).flatten(3)  # [B, H, chunks, kernel_stride * D]
+    blocks = weight.reshape(heads, parts, kernel_stride * dim, -1).transpose(1, 2).flatten(2)  # [H, s*D, r*Dout]
+    products = torch.matmul(chunks, blocks).unflatten(-1, (parts, -1))  # [B, H, chunks, r, Dout]
+    out = torch.matmul(pos_emb.reshape(heads, 1, kernel_size * dim), weight)  # [H, 1, Dout]
+    for part in range(parts):
+        out = out + products[:, :, part : part + num_rows, part]
+    return out.transpose(1, 2).contiguous()
+
+
 def compress_windows(windows, weight, pos_emb):
     """``compress`` of windows already gathered: windows [B, W, kernel_size, H, D] -> [B, W, H, Dout] (no autograd
     workaround: for inference, ``NSACache``)."""
@@ -68,11 +94,14 @@ def compress_windows(windows, weight, pos_emb):
 
 
 def rotary_embedding(x: torch.Tensor, positions: torch.Tensor, theta: float = 10000.0) -> torch.Tensor:
-    """Rotate-half RoPE. x [B, T, H, D] (D even), positions [T] or [B, T] -> [B, T, H, D]."""
+    """Rotate-half RoPE. x [B, T, H, D] (D even), positions [T] or [B, T] -> [B, T, H, D].
+
+    ``x * cos + rotate_half(x) * sin`` in float32 (float64 for float64 x), rounded once to x's dtype: few passes
+    over x in eager mode (the products read x in its own dtype)."""
     half = x.shape[-1] // 2
     compute = torch.promote_types(x.dtype, torch.float32)
     inv_freq = theta ** (-torch.arange(half, device=x.device, dtype=compute) / half)
     angles = positions.to(compute).unsqueeze(-1) * inv_freq
-    cos, sin = torch.cos(angles).unsqueeze(-2), torch.sin(angles).unsqueeze(-2)  # [..., T, 1, half]
-    x1, x2 = x[..., :half].to(compute), x[..., half:].to(compute)
-    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).to(x.dtype)
+    angles = torch.cat([angles, angles], dim=-1).unsqueeze(-2)  # [..., T, 1, D]
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return torch.addcmul(x * torch.cos(angles), rotated, torch.sin(angles)).to(x.dtype)

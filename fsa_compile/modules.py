@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fsa_compile.compression import compress, rotary_embedding
@@ -113,9 +114,13 @@ class FlashSparseAttention(nn.Module):
         if x.dim() != 3 or x.shape[-1] != self.hidden_size:
             raise ValueError(f"x must be [B, T, hidden_size={self.hidden_size}], got shape {tuple(x.shape)}")
         batch, num_tokens, _ = x.shape
-        q = self.q_proj(x).view(batch, num_tokens, self.num_heads, self.head_dim)
-        k = self.k_proj(x).view(batch, num_tokens, self.num_kv_heads, self.head_dim)
-        v = self.v_proj(x).view(batch, num_tokens, self.num_kv_heads, self.head_dim)
+        # One matmul for q, k and v (one pass over x forward, one dx product backward).
+        projections = (self.q_proj, self.k_proj, self.v_proj)
+        q, k, v = F.linear(x, torch.cat([p.weight for p in projections])).split(
+            [p.weight.shape[0] for p in projections], dim=-1)
+        q = q.view(batch, num_tokens, self.num_heads, self.head_dim)
+        k = k.view(batch, num_tokens, self.num_kv_heads, self.head_dim)
+        v = v.contiguous().view(batch, num_tokens, self.num_kv_heads, self.head_dim)
         gates = torch.sigmoid(self.gate_proj(x)).view(batch, num_tokens, self.num_heads, 3)
         return q, k, v, gates
 

@@ -69,10 +69,10 @@ def _cudnn_forward(q, k, v, scale):
 
 def _cudnn_backward(do, q, k, v, o, lse, scale):
     num_rows = q.shape[2]
-    no_dropout = torch.empty((), dtype=torch.int64, device=q.device)  # seed and offset, unread without dropout
-    empty = q.new_empty(0)
+    no_dropout = torch.zeros((), dtype=torch.int64, device=q.device)  # seed and offset, unread without dropout
+    # No bias, no cumulative sequence lengths: undefined tensors (None), as PyTorch's own SDPA backward passes them.
     return torch.ops.aten._scaled_dot_product_cudnn_attention_backward(
-        do, q, k, v, o, lse, no_dropout, no_dropout, empty, empty, empty, num_rows, num_rows, 0.0, True, scale=scale
+        do, q, k, v, o, lse, no_dropout, no_dropout, None, None, None, num_rows, num_rows, 0.0, True, scale=scale
     )
 
 

@@ -7,6 +7,7 @@ import torch
 from torch._dynamo.testing import CompileCounterWithBackend
 from torch._inductor.utils import run_and_get_code
 
+from fsa_compile import compression, modules
 from fsa_compile.lowerings import compression_windows as windows_workaround
 from fsa_compile.ops import _settings
 from tests._testing import DEVICE, RATIO, assert_close, make_cu_seqlens, make_layer, make_small_layer
@@ -86,6 +87,23 @@ def test_compiled_gradients_match_eager_over_layer_configs(hidden, hq, hkv, d, c
         assert_close(name, expected, grad, GRID_RATIO)
 
 
+def _slice_rotary_embedding(x, positions, theta):
+    half = x.shape[-1] // 2
+    inv_freq = theta ** (-torch.arange(half, device=x.device, dtype=x.dtype) / half)
+    angles = positions.to(x.dtype).unsqueeze(-1) * inv_freq
+    cos, sin = torch.cos(angles).unsqueeze(-2), torch.sin(angles).unsqueeze(-2)
+    x1, x2 = x[..., :half], x[..., half:]
+    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
+
+
+def _separate_projections(layer, x):
+    batch, num_tokens, _ = x.shape
+    q = layer.q_proj(x).view(batch, num_tokens, layer.num_heads, layer.head_dim)
+    k = layer.k_proj(x).view(batch, num_tokens, layer.num_kv_heads, layer.head_dim)
+    v = layer.v_proj(x).view(batch, num_tokens, layer.num_kv_heads, layer.head_dim)
+    return q, k, v, torch.sigmoid(layer.gate_proj(x)).view(batch, num_tokens, layer.num_heads, 3)
+
+
 @pytest.mark.skipif(DEVICE != "cpu", reason="a bug of Inductor's C++ (CPU) backend")
 @pytest.mark.xfail(strict=True, raises=AssertionError, reason="Inductor CPU miscompile, torch 2.13 (see below)")
 def test_inductor_bug_shared_zeros_index_put(monkeypatch):
@@ -99,6 +117,11 @@ def test_inductor_bug_shared_zeros_index_put(monkeypatch):
     Attempts to reduce it to a graph without the fsa ops (the same projections, gathers and RoPE around einsum
     attention, opaque or not) compiled correctly, so the pin is the layer itself."""
     monkeypatch.setattr(windows_workaround, "OPAQUE_WINDOW_DEVICES", ())
+    # The graph that shows it (the layer as it was): the gather (not the chunked matmul), RoPE written with slices,
+    # separate q/k/v projections.
+    monkeypatch.setattr(compression, "_chunks_apply", lambda *_: False)
+    monkeypatch.setattr(modules, "rotary_embedding", _slice_rotary_embedding)
+    monkeypatch.setattr(modules.FlashSparseAttention, "_heads", _separate_projections)
     hidden, hq, hkv, d, config = GRID[0]
     layer = make_layer(hidden, hq, hkv, d, dtype=torch.float64, **config)
     x = torch.randn(2, 80, hidden, dtype=torch.float64)
