@@ -4,8 +4,9 @@
 #   bash .ci/gpu_check.sh selected-fsa         # selected attention vs the reference, FSA kernel
 #   bash .ci/gpu_check.sh selected-nsa         # the same, NSA kernel
 #   bash .ci/gpu_check.sh selected-rest        # the other selected-attention tests (realistic sizes, opcheck, ...)
-#   bash .ci/gpu_check.sh ops-layer            # compressed, window, select_blocks, windows, modules, bad cu_seqlens,
-#                                              # the layout, define_op, packed queries fewer than keys, batched caches
+#   bash .ci/gpu_check.sh ops-layer            # compressed (Triton and cuDNN), compression, window, select_blocks,
+#                                              # windows, modules, bad cu_seqlens, the layout, define_op, packed
+#                                              # queries fewer than keys, batched caches
 #   bash .ci/gpu_check.sh compile              # compile, CUDA graphs, CUDA launch-settings fit
 #   bash .ci/gpu_check.sh compile-grid         # compiled vs eager gradients over 12 layer configs (~25 s each)
 #   bash .ci/gpu_check.sh export               # export, AOTI, the Inductor kernel-list pins
@@ -44,7 +45,8 @@ case "${1:-}" in
     selected-fsa) run selected-fsa 560 tests/ops/test_selected_attention.py -k "matches_reference and fsa" ;;
     selected-nsa) run selected-nsa 560 tests/ops/test_selected_attention.py -k "matches_reference and nsa" ;;
     selected-rest) run selected-rest 560 tests/ops/test_selected_attention.py -k "not matches_reference" ;;
-    ops-layer) run layer 560 tests/ops/test_compressed_attention.py tests/ops/test_sliding_window_attention.py \
+    ops-layer) run layer 560 tests/ops/test_compressed_attention.py tests/ops/test_compressed_dense.py \
+        tests/test_compression.py tests/ops/test_sliding_window_attention.py \
         tests/ops/test_select_blocks.py tests/ops/test_compression_windows.py tests/test_modules.py \
         tests/test_malformed_cu_seqlens.py tests/ops/test_layout.py tests/ops/test_library.py tests/ops/test_packed_keys.py \
         tests/ops/test_cache_rows.py ;;

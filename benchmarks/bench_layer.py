@@ -2,6 +2,8 @@
 
     python benchmarks/bench_layer.py                                  # T in {8K, 32K, 64K, 128K}, G in {1, 4}
     python benchmarks/bench_layer.py --seqlens 8192 65536 --groups 1 --compile-seqlens 8192 --out bench_out
+    python benchmarks/bench_layer.py --seqlens 32768 65536 --compile-seqlens 32768 65536 --shapes static \
+        --no-cudagraphs --no-compiled-breakdown                       # the compiled layer only: fewer compiles
 
 Per (T, G), bf16, Hkv = 4, D = 128, hidden = Hq * D, batch 1, defaults of the layer (kernel 32/16, block 64,
 top-16, window 512):
@@ -127,16 +129,18 @@ def run_config(seqlen, group, compile_it, args):
         row[f"{name} peak MiB"] = peak_memory_mb(forward_backward(model, x, grad))
     row["breakdown"] = branch_times(layer, x)
     if compile_it:
-        row["breakdown compiled"] = branch_times(layer, x, compiled=True)
+        if args.compiled_breakdown:
+            row["breakdown compiled"] = branch_times(layer, x, compiled=True)
         row["kernels eager fwd+bwd"] = count_cuda_kernels(forward_backward(layer, x, grad))
         # static: Inductor launches the ops' Triton kernels itself; dynamic: the ops stay opaque calls.
-        for tag, dynamic in (("static", False), ("dynamic", True)):
+        for tag in args.shapes:
             torch._dynamo.reset()
-            compiled = torch.compile(layer, fullgraph=True, dynamic=dynamic)
-            graphs = torch.compile(layer, fullgraph=True, dynamic=dynamic, mode="reduce-overhead")
+            compiled = torch.compile(layer, fullgraph=True, dynamic=tag == "dynamic")
             row[f"nsa compiled {tag} fwd+bwd"] = cuda_time_ms(forward_backward(compiled, x, grad))
-            row[f"nsa cudagraphs {tag} fwd+bwd"] = cuda_time_ms(forward_backward(graphs, x, grad))
             row[f"kernels compiled {tag} fwd+bwd"] = count_cuda_kernels(forward_backward(compiled, x, grad))
+            if args.cudagraphs:
+                graphs = torch.compile(layer, fullgraph=True, dynamic=tag == "dynamic", mode="reduce-overhead")
+                row[f"nsa cudagraphs {tag} fwd+bwd"] = cuda_time_ms(forward_backward(graphs, x, grad))
     return row
 
 
@@ -154,11 +158,15 @@ def print_table(rows):
         for r in compiled_rows:
             parts = "  ".join(
                 f"{tag}: compiled {r[f'nsa compiled {tag} fwd+bwd']:.2f} ({r[f'kernels compiled {tag} fwd+bwd']}) "
-                f"cudagraphs {r[f'nsa cudagraphs {tag} fwd+bwd']:.2f}" for tag in ("static", "dynamic")
+                f"speedup vs sdpa {r['sdpa fwd+bwd'] / r[f'nsa compiled {tag} fwd+bwd']:.2f}x"
+                + (f" cudagraphs {r[f'nsa cudagraphs {tag} fwd+bwd']:.2f}" if f"nsa cudagraphs {tag} fwd+bwd" in r else "")
+                for tag in ("static", "dynamic") if f"nsa compiled {tag} fwd+bwd" in r
             )
             print(f"  T={r['seqlen']} G={r['group']}: eager {r['nsa fwd+bwd']:.2f} ({r['kernels eager fwd+bwd']})  "
                   f"{parts}")
     for key in ("breakdown", "breakdown compiled"):
+        if not any(key in r for r in rows):
+            continue
         print(f"\n{key} (ms):")
         for r in rows:
             if key in r:
@@ -194,6 +202,12 @@ def main():
     parser.add_argument("--seqlens", type=int, nargs="+", default=[8192, 32768, 65536, 131072])
     parser.add_argument("--groups", type=int, nargs="+", default=[1, 4])
     parser.add_argument("--compile-seqlens", type=int, nargs="*", default=[8192, 32768])
+    parser.add_argument("--shapes", nargs="+", choices=("static", "dynamic"), default=["static", "dynamic"],
+                        help="compiled variants measured for --compile-seqlens")
+    parser.add_argument("--cudagraphs", action=argparse.BooleanOptionalAction, default=True,
+                        help="also each compiled variant with CUDA graphs (mode='reduce-overhead')")
+    parser.add_argument("--compiled-breakdown", action=argparse.BooleanOptionalAction, default=True,
+                        help="also the per-branch breakdown compiled")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     args = parser.parse_args()
     if not torch.cuda.is_available():
@@ -202,10 +216,10 @@ def main():
     rows = []
     for seqlen, group in tqdm(configs, desc="configs"):
         rows.append(run_config(seqlen, group, seqlen in args.compile_seqlens, args))
+        write_json(args.out / "bench_layer.json", rows, device_meta())  # each row kept as it comes
         torch.cuda.empty_cache()
     print(device_meta()["device"])
     print_table(rows)
-    write_json(args.out / "bench_layer.json", rows, device_meta())
     plot(rows, args.out / "bench_layer.png")
 
 

@@ -14,6 +14,11 @@ Used on CUDA for whole equal-length sequences (no ``cu_seqlens``, ``seqlens_k``,
 and head dims cuDNN takes, for the groups and lengths in ``_settings`` (``compressed_dense``: measured, see
 there); everything else runs the Triton masked kernel. Forward and backward choose independently (both give
 the same lse); a backward with a gradient for lse (``dlse``) runs the Triton kernel, which takes it.
+
+Under torch.compile the dense path is one opaque op each way (``fsa::_compressed_dense_forward`` /
+``_backward``): the regrouping copies run inside it, out of Inductor's sight. Traced into the graph instead, the
+regrouping of 256 heads (G = 4) made Inductor 2.11's tiling analysis crash (``CantSplit.__init__() missing 2
+required positional arguments``, fixed in later releases).
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ import torch.nn.functional as F
 
 from . import _settings
 from ._layout import num_compressed
+from ._library import attention_grads_like, attention_outputs_like, op_name
 
 
 def applies(q, k_cmp, v_cmp, kernel_size: int, kernel_stride: int, cu_seqlens, seqlen_k, cu_seqlens_k,
@@ -99,3 +105,29 @@ def backward(do, q, k_cmp, v_cmp, o, lse, kernel_size: int, kernel_stride: int, 
     pad = (0, 0, 0, 0, 0, num_stored - num_rows)
     return (_ungroup(dq, num_tokens, kernel_size, kernel_stride, 0.0),
             F.pad(dk.transpose(1, 2), pad).contiguous(), F.pad(dv.transpose(1, 2), pad).contiguous())
+
+
+# ---- the opaque ops the CUDA path calls ---------------------------------------------------------------------
+
+@torch.library.custom_op(
+    op_name("_compressed_dense_forward"), mutates_args=(), device_types="cuda",
+    schema="(Tensor q, Tensor k_cmp, Tensor v_cmp, int kernel_size, int kernel_stride, float scale) "
+           "-> (Tensor, Tensor)",
+)
+def forward_op(q, k_cmp, v_cmp, kernel_size, kernel_stride, scale):
+    """``forward`` on cuDNN."""
+    return forward(q, k_cmp, v_cmp, kernel_size, kernel_stride, scale)
+
+
+@torch.library.custom_op(
+    op_name("_compressed_dense_backward"), mutates_args=(), device_types="cuda",
+    schema="(Tensor do, Tensor q, Tensor k_cmp, Tensor v_cmp, Tensor o, Tensor lse, int kernel_size, "
+           "int kernel_stride, float scale) -> (Tensor, Tensor, Tensor)",
+)
+def backward_op(do, q, k_cmp, v_cmp, o, lse, kernel_size, kernel_stride, scale):
+    """``backward`` on cuDNN."""
+    return backward(do, q, k_cmp, v_cmp, o, lse, kernel_size, kernel_stride, scale)
+
+
+forward_op.register_fake(lambda q, k_cmp, v_cmp, *_: attention_outputs_like(q, v_cmp.shape[-1]))
+backward_op.register_fake(lambda do, q, k_cmp, v_cmp, *_: attention_grads_like(q, k_cmp, v_cmp))

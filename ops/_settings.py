@@ -60,11 +60,12 @@ _LAUNCH_SETTINGS: dict[tuple, object] = {
     # select_blocks of batched rows with at most this many queries (decode) runs as PyTorch: one batched matmul over
     # the compressed keys instead of one program per (row, KV head) walking them.
     ("select_blocks_few_queries", None, None, None): 16,
-    # Compressed attention on CUDA runs cuDNN's dense causal attention over regrouped queries (``_compressed_dense``)
-    # at every length for G <= max_group, from min_tokens tokens for larger G (None: never). H200, bf16, D = 128,
-    # Hkv = 4, kernel 32/16, fwd / bwd ms, Triton vs cuDNN with the regrouping copies: G = 1 32K 0.49/1.07 vs 0.30/0.81, 128K 3.16/10.5 vs
-    # 2.41/6.67; G = 4 8K 0.36/1.04 vs 0.21/0.57, 32K 1.10/3.05 vs 1.06/2.85, 128K 12.5/39.6 vs 9.75/26.4;
-    # G = 16 32K 3.54/9.85 vs 4.15/11.2, 64K 12.7/39.0 vs 12.0/32.9 (scratch probe, 2026-12-02).
+    # Compressed attention on CUDA runs cuDNN's dense causal attention over regrouped queries
+    # (``_compressed_dense``) at every length for G <= max_group, from min_tokens tokens for larger G (None: never).
+    # H200, bf16, D = 128, Hkv = 4, kernel 32/16, fwd / bwd ms, Triton vs cuDNN with the regrouping copies:
+    # G = 1 32K 0.49/1.07 vs 0.30/0.81, 128K 3.16/10.5 vs 2.41/6.67; G = 4 8K 0.36/1.04 vs 0.21/0.57,
+    # 32K 1.10/3.05 vs 1.06/2.85, 128K 12.5/39.6 vs 9.75/26.4; G = 16 32K 3.54/9.85 vs 4.15/11.2,
+    # 64K 12.7/39.0 vs 12.0/32.9 (a probe of the two paths, 2026-12-02).
     ("compressed_dense", None, None, None): dict(max_group=4, min_tokens=65536),
 }
 

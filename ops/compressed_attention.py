@@ -92,7 +92,7 @@ def _backward_torch(do, dlse, q, k_cmp, v_cmp, o, lse, kernel_size, kernel_strid
 def _forward_triton(q, k_cmp, v_cmp, kernel_size, kernel_stride, scale, cu_seqlens, seqlen_k, cu_seqlens_k,
                     seqlens_k):
     if dense.applies(q, k_cmp, v_cmp, kernel_size, kernel_stride, cu_seqlens, seqlen_k, cu_seqlens_k, seqlens_k):
-        return dense.forward(q, k_cmp, v_cmp, kernel_size, kernel_stride, resolve_scale(scale, q.shape[-1]))
+        return dense.forward_op(q, k_cmp, v_cmp, kernel_size, kernel_stride, resolve_scale(scale, q.shape[-1]))
     layout = SequenceLayout.of(q, seqlen_k, cu_seqlens, cu_seqlens_k, seqlens_k)
     spans = layout.compressed_spans(kernel_size, kernel_stride)
     return masked_attention_forward(q, k_cmp, v_cmp, *spans, resolve_scale(scale, q.shape[-1]),
@@ -103,7 +103,8 @@ def _backward_triton(do, dlse, q, k_cmp, v_cmp, o, lse, kernel_size, kernel_stri
                      cu_seqlens_k, seqlens_k):
     if dlse is None and dense.applies(q, k_cmp, v_cmp, kernel_size, kernel_stride, cu_seqlens, seqlen_k,
                                       cu_seqlens_k, seqlens_k):
-        return dense.backward(do, q, k_cmp, v_cmp, o, lse, kernel_size, kernel_stride, resolve_scale(scale, q.shape[-1]))
+        return dense.backward_op(do, q, k_cmp, v_cmp, o, lse, kernel_size, kernel_stride,
+                                 resolve_scale(scale, q.shape[-1]))
     layout = SequenceLayout.of(q, seqlen_k, cu_seqlens, cu_seqlens_k, seqlens_k)
     spans = layout.compressed_spans(kernel_size, kernel_stride)
     return masked_attention_backward(do, dlse, q, k_cmp, v_cmp, o, lse, *spans, resolve_scale(scale, q.shape[-1]))
