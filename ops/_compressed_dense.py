@@ -13,7 +13,8 @@ back the same way (``_ungroup``). Exact: the same attention as the masked kernel
 Used on CUDA for whole equal-length sequences (no ``cu_seqlens``, ``seqlens_k``, queries = keys), 16-bit inputs
 and head dims cuDNN takes, for the groups and lengths in ``_settings`` (``compressed_dense``: measured, see
 there); everything else runs the Triton masked kernel. Forward and backward choose independently (both give
-the same lse); a backward with a gradient for lse (``dlse``) runs the Triton kernel, which takes it.
+the same lse); a backward with a gradient for lse (``dlse``) runs the Triton kernel, which takes it, and so does
+one under ``torch.use_deterministic_algorithms(True)`` (cuDNN's backward sums dq in a run-dependent order).
 
 Under torch.compile the dense path is one opaque op each way (``fsa::_compressed_dense_forward`` /
 ``_backward``): the regrouping copies run inside it, out of Inductor's sight. Traced into the graph instead, the

@@ -163,3 +163,29 @@ def test_compiled_cudnn_path_matches_eager():
         torch.testing.assert_close(got, want, atol=0, rtol=0, msg=name)
     for name, want, got in zip(("dq", "dk_cmp", "dv_cmp"), eager[2:], compiled[2:]):
         assert_close(name, want, got, 1e-2)
+
+
+@pytest.mark.gpu
+def test_deterministic_algorithms_take_the_triton_backward(monkeypatch):
+    """Under torch.use_deterministic_algorithms(True) the backward skips cuDNN (its dq order varies run to run):
+    two backwards are bitwise identical."""
+    q, k_cmp, v_cmp = make_qkv(1, 4096, 255, 4, 4, 128, dtype=torch.bfloat16)
+    assert dense.applies(q, k_cmp, v_cmp, 32, 16, None, None, None, None)
+    do = torch.randn_like(q)
+
+    def cudnn_backward(*args):
+        raise AssertionError("the cuDNN backward ran under deterministic algorithms")
+
+    monkeypatch.setattr(dense, "backward_op", cudnn_backward)
+    previous = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        grads_twice = []
+        for _ in range(2):
+            inputs = [x.detach().requires_grad_() for x in (q, k_cmp, v_cmp)]
+            o, _ = fsa_compile.compressed_attention(*inputs, 32, 16)
+            grads_twice.append(torch.autograd.grad(o, inputs, do))
+    finally:
+        torch.use_deterministic_algorithms(previous)
+    for first, second in zip(*grads_twice):
+        assert torch.equal(first, second)
