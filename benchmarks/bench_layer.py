@@ -156,12 +156,15 @@ def print_table(rows):
         print("\nforward+backward ms (kernels launched): eager vs torch.compile (static / dynamic shapes), "
               "plain and with CUDA graphs")
         for r in compiled_rows:
-            parts = "  ".join(
-                f"{tag}: compiled {r[f'nsa compiled {tag} fwd+bwd']:.2f} ({r[f'kernels compiled {tag} fwd+bwd']}) "
-                f"speedup vs sdpa {r['sdpa fwd+bwd'] / r[f'nsa compiled {tag} fwd+bwd']:.2f}x"
-                + (f" cudagraphs {r[f'nsa cudagraphs {tag} fwd+bwd']:.2f}" if f"nsa cudagraphs {tag} fwd+bwd" in r else "")
-                for tag in ("static", "dynamic") if f"nsa compiled {tag} fwd+bwd" in r
-            )
+            parts = []
+            for tag in ("static", "dynamic"):
+                compiled, graphs = r.get(f"nsa compiled {tag} fwd+bwd"), r.get(f"nsa cudagraphs {tag} fwd+bwd")
+                if compiled is None:
+                    continue
+                parts.append(f"{tag}: compiled {compiled:.2f} ({r[f'kernels compiled {tag} fwd+bwd']}) "
+                             f"speedup vs sdpa {r['sdpa fwd+bwd'] / compiled:.2f}x"
+                             + ("" if graphs is None else f" cudagraphs {graphs:.2f}"))
+            parts = "  ".join(parts)
             print(f"  T={r['seqlen']} G={r['group']}: eager {r['nsa fwd+bwd']:.2f} ({r['kernels eager fwd+bwd']})  "
                   f"{parts}")
     for key in ("breakdown", "breakdown compiled"):

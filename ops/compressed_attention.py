@@ -102,8 +102,9 @@ def _forward_triton(q, k_cmp, v_cmp, kernel_size, kernel_stride, scale, cu_seqle
 def _backward_triton(do, dlse, q, k_cmp, v_cmp, o, lse, kernel_size, kernel_stride, scale, cu_seqlens, seqlen_k,
                      cu_seqlens_k, seqlens_k):
     # cuDNN's backward sums dq in a run-dependent order; the Triton kernel's is deterministic.
-    if dlse is None and not torch.are_deterministic_algorithms_enabled() and dense.applies(q, k_cmp, v_cmp, kernel_size, kernel_stride, cu_seqlens, seqlen_k,
-                                      cu_seqlens_k, seqlens_k):
+    if (dlse is None and not torch.are_deterministic_algorithms_enabled()
+            and dense.applies(q, k_cmp, v_cmp, kernel_size, kernel_stride, cu_seqlens, seqlen_k, cu_seqlens_k,
+                              seqlens_k)):
         return dense.backward_op(do, q, k_cmp, v_cmp, o, lse, kernel_size, kernel_stride,
                                  resolve_scale(scale, q.shape[-1]))
     layout = SequenceLayout.of(q, seqlen_k, cu_seqlens, cu_seqlens_k, seqlens_k)

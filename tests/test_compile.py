@@ -232,9 +232,9 @@ def _assert_step_matches_eager(layer, x, out, ratio):
 def test_cuda_compile_launches_the_triton_kernels_from_generated_code(dtype, dynamic):
     """On CUDA with static shapes, Inductor traces the ops through their launchers
     (lowerings/triton_launches.py): the generated code launches our Triton kernels itself, forward and
-    backward, with no torch.ops.fsa call left but the cuDNN path of compressed attention. With dynamic=True the ops stay opaque calls (a torch bug, see
-    triton_launches.traces_triton). Both match eager. Small dk/dv chunks put the chunked masked backward (float32
-    partials and their sum) in the traced graph too."""
+    backward, with no torch.ops.fsa call left but the cuDNN path of compressed attention. With dynamic=True the
+    ops stay opaque calls (a torch bug, see triton_launches.traces_triton). Both match eager. Small dk/dv chunks
+    put the chunked masked backward (float32 partials and their sum) in the traced graph too."""
     layer = make_small_layer().to(dtype)
     compiled = torch.compile(layer, fullgraph=True, dynamic=dynamic)
     x = torch.randn(2, 77, 64, device=DEVICE, dtype=dtype, requires_grad=True)
