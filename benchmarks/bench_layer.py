@@ -97,7 +97,9 @@ def branch_times(layer, x, compiled: bool = False) -> dict:
         if name != "select":  # not differentiable
             def full(fn=fn):
                 result = fn()
-                outputs = result if isinstance(result, tuple) else tuple(result.values())
+                # As in the layer: an attention branch's o gets a gradient, its lse none (a gradient for lse would
+                # also move the compressed backward off cuDNN).
+                outputs = result.values() if isinstance(result, dict) else result[:1]  # (o, lse) -> o
                 sum(t.float().sum() for t in outputs if t.requires_grad).backward()
             out[f"{name} fwd+bwd"] = cuda_time_ms(full)
     return out
