@@ -49,22 +49,33 @@ def applies(q, k_cmp, v_cmp, kernel_size: int, kernel_stride: int, cu_seqlens, s
 
 
 def _regroup(x, kernel_size: int, kernel_stride: int, num_rows: int):
-    """[B, T, H, E] -> [B, H * kernel_stride, num_rows, E] (a copy), queries ``kernel_size - 1`` on; zero padding."""
+    """[B, T, H, E] -> [B, H * kernel_stride, num_rows, E], queries ``kernel_size - 1`` on, zero padded: one copy
+    into memory ordered [B, num_rows, H, kernel_stride, E] (the strides cuDNN takes as they are)."""
     batch, _, heads, width = x.shape
     rows = x[:, kernel_size - 1:]
-    rows = F.pad(rows, (0, 0, 0, 0, 0, num_rows * kernel_stride - rows.shape[1]))
-    grouped = rows.reshape(batch, num_rows, kernel_stride, heads, width).transpose(2, 3)
-    return grouped.reshape(batch, num_rows, heads * kernel_stride, width).transpose(1, 2)
+    full = rows.shape[1] // kernel_stride  # rows filled by queries; at most one more, partly filled
+    grouped = x.new_empty(batch, num_rows, heads, kernel_stride, width)
+    grouped[:, :full].copy_(rows[:, : full * kernel_stride].unflatten(1, (full, kernel_stride)).transpose(2, 3))
+    if full < num_rows:
+        tail = rows.shape[1] - full * kernel_stride
+        grouped[:, full, :, :tail].copy_(rows[:, full * kernel_stride:].transpose(1, 2))
+        grouped[:, full, :, tail:].zero_()
+    return grouped.view(batch, num_rows, heads * kernel_stride, width).transpose(1, 2)
 
 
 def _ungroup(y, num_tokens: int, kernel_size: int, kernel_stride: int, fill: float):
-    """The inverse of ``_regroup``: [B, H * kernel_stride, Tc, E] -> [B, T, H, E], ``fill`` before kernel_size - 1."""
-    batch, _, num_rows, width = y.shape
-    rows = y.transpose(1, 2).reshape(batch, num_rows, -1, kernel_stride, width).transpose(2, 3)
-    rows = rows.reshape(batch, num_rows * kernel_stride, -1, width)
-    out = y.new_empty(batch, num_tokens, rows.shape[2], width)
+    """The inverse of ``_regroup``: [B, H * kernel_stride, Tc, E] -> [B, T, H, E], ``fill`` before kernel_size - 1;
+    one copy."""
+    batch, _, _, width = y.shape
+    heads = y.shape[1] // kernel_stride
+    grouped = y.transpose(1, 2).unflatten(2, (heads, kernel_stride)).transpose(2, 3)  # [B, Tc, stride, H, E]
+    out = y.new_empty(batch, num_tokens, heads, width)
     out[:, : kernel_size - 1] = fill
-    out[:, kernel_size - 1:] = rows[:, : num_tokens - kernel_size + 1]
+    rows = out[:, kernel_size - 1:]
+    full = rows.shape[1] // kernel_stride
+    rows[:, : full * kernel_stride].view(batch, full, kernel_stride, heads, width).copy_(grouped[:, :full])
+    if full * kernel_stride < rows.shape[1]:
+        rows[:, full * kernel_stride:].copy_(grouped[:, full, : rows.shape[1] - full * kernel_stride])
     return out
 
 
