@@ -15,6 +15,8 @@ from typing import NamedTuple
 import torch
 import triton
 
+from . import _settings
+from ._kernels.index_inversion import _items_per_key_kernel, _key_runs_kernel, _work_items_kernel
 from ._kernels.selected_fsa import _selection_keys_kernel
 from ._launch import launcher
 
@@ -48,17 +50,27 @@ def invert_indices(indices, first_token, num_queries, query_rows, sequence_start
             num_keys, HKV=hkv, TOPK=topk, BS=block_size, BLOCK=1024,
         )
     sorted_keys, sorted_entries = torch.sort(keys, stable=True)
+    # At most E / rows_per_item full items plus one partial item per non-empty block.
+    max_blocks = batch * hkv * (num_keys // block_size + num_sequences + 1)
+    num_items = max(1, (keys.numel() + rows_per_item - 1) // rows_per_item + max_blocks)
+    if _settings.get("fused_index_inversion") and keys.dtype == torch.int32 and keys.numel() > 0:
+        items = _work_items_fused(sorted_keys, sorted_entries, num_block_keys, num_items, rows_per_item)
+    else:
+        items = _work_items_torch(sorted_keys, sorted_entries, num_block_keys, num_items, rows_per_item)
+    return items, keys
+
+
+def _work_items_torch(sorted_keys, sorted_entries, num_block_keys: int, num_items: int, rows_per_item: int):
+    """WorkItems from the sorted keys in torch ops (about 25 launches)."""
+    device = sorted_keys.device
     # Entries of block key j: sorted positions [entry_bounds[j], entry_bounds[j + 1]). Not a histogram by
     # index_add_: torch.compile lowers that to a sort-based index_put_ that costs ~8 ms at T=64K.
-    block_keys = torch.arange(num_block_keys + 1, device=device, dtype=keys.dtype)
+    block_keys = torch.arange(num_block_keys + 1, device=device, dtype=sorted_keys.dtype)
     entry_bounds = torch.searchsorted(sorted_keys, block_keys)
     entry_ends = entry_bounds[1:]
     counts = entry_ends - entry_bounds[:-1]
     items_per_key = (counts + rows_per_item - 1) // rows_per_item
     item_ends = items_per_key.cumsum(0)
-    # At most E / rows_per_item full items plus one partial item per non-empty block.
-    max_blocks = batch * hkv * (num_keys // block_size + num_sequences + 1)
-    num_items = max(1, (keys.numel() + rows_per_item - 1) // rows_per_item + max_blocks)
     item = torch.arange(num_items, device=device)
     key = torch.searchsorted(item_ends, item, right=True)
     used = key < num_block_keys
@@ -67,6 +79,28 @@ def invert_indices(indices, first_token, num_queries, query_rows, sequence_start
     item_starts = entry_ends[key] - counts[key] + within * rows_per_item
     item_lengths = torch.where(used, (counts[key] - within * rows_per_item).clamp(0, rows_per_item), 0)
     item_keys = torch.where(used, key, 0)
-    items = WorkItems(sorted_entries.to(torch.int32), item_keys.to(torch.int32), item_starts.to(torch.int32),
-                      item_lengths.to(torch.int32))
-    return items, keys
+    return WorkItems(sorted_entries.to(torch.int32), item_keys.to(torch.int32), item_starts.to(torch.int32),
+                     item_lengths.to(torch.int32))
+
+
+def _work_items_fused(sorted_keys, sorted_entries, num_block_keys: int, num_items: int, rows_per_item: int):
+    """WorkItems from int32 sorted keys in three Triton launches, a zero fill and a cumsum
+    (``_kernels/index_inversion.py``). The same tables as ``_work_items_torch`` except the start of unused items
+    (length 0, never read): 0 here."""
+    device, num_entries = sorted_keys.device, sorted_keys.numel()
+    runs = torch.zeros(2, num_block_keys, dtype=torch.int32, device=device)  # run starts, run ends
+    entries = torch.empty(num_entries, dtype=torch.int32, device=device)
+    launcher(_key_runs_kernel, (triton.cdiv(num_entries, 1024),))(
+        sorted_keys, sorted_entries, runs[0], runs[1], entries, num_entries, num_block_keys, BLOCK=1024,
+    )
+    items_per_key = torch.empty(num_block_keys, dtype=torch.int32, device=device)
+    launcher(_items_per_key_kernel, (triton.cdiv(num_block_keys, 1024),))(
+        runs[0], runs[1], items_per_key, num_block_keys, rows_per_item, BLOCK=1024,
+    )
+    item_ends = torch.cumsum(items_per_key, 0, dtype=torch.int32)
+    tables = torch.empty(3, num_items, dtype=torch.int32, device=device)  # keys, starts, lengths
+    launcher(_work_items_kernel, (triton.cdiv(num_items, 1024),))(
+        item_ends, runs[0], runs[1], tables[0], tables[1], tables[2], num_items, num_block_keys, rows_per_item,
+        num_block_keys.bit_length(), BLOCK=1024,
+    )
+    return WorkItems(entries, tables[0], tables[1], tables[2])
