@@ -4,6 +4,7 @@
 #   bash .ci/gpu_check.sh selected-fsa         # selected attention vs the reference, FSA kernel
 #   bash .ci/gpu_check.sh selected-nsa         # the same, NSA kernel
 #   bash .ci/gpu_check.sh selected-rest        # the other selected-attention tests (realistic sizes, opcheck, ...)
+#                                              # and the FSA index inversion
 #   bash .ci/gpu_check.sh ops-layer            # compressed (Triton and cuDNN), compression, window, select_blocks,
 #                                              # windows, modules, bad cu_seqlens, the layout, define_op, packed
 #                                              # queries fewer than keys, batched caches
@@ -44,7 +45,8 @@ run() {  # run NAME LIMIT_S PYTEST_ARGS...
 case "${1:-}" in
     selected-fsa) run selected-fsa 560 tests/ops/test_selected_attention.py -k "matches_reference and fsa" ;;
     selected-nsa) run selected-nsa 560 tests/ops/test_selected_attention.py -k "matches_reference and nsa" ;;
-    selected-rest) run selected-rest 560 tests/ops/test_selected_attention.py -k "not matches_reference" ;;
+    selected-rest) run selected-rest 560 tests/ops/test_selected_attention.py -k "not matches_reference" \
+        tests/ops/test_index_inversion.py ;;
     ops-layer) run layer 560 tests/ops/test_compressed_attention.py tests/ops/test_compressed_dense.py \
         tests/test_compression.py tests/ops/test_sliding_window_attention.py \
         tests/ops/test_select_blocks.py tests/ops/test_compression_windows.py tests/test_modules.py \

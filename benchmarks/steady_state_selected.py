@@ -1,6 +1,7 @@
 """Selected attention back to back, as in a training loop, next to bench_selected.py's single cold-L2 calls.
 
     python benchmarks/steady_state_selected.py --seqlen 65536 --groups 1 4 [--impl fsa]
+    python benchmarks/steady_state_selected.py --seqlen 16384 --groups 1 --fused-index-inversion both  # A/B
 
 Per call: ms over 10 calls back to back in eager mode, and over 10 replays of a CUDA graph of it (GPU time without
 host overhead; capturing it also proves that the op does not synchronise with the host). bf16, Hkv = 4, D = 128, block
@@ -18,6 +19,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import fsa_compile  # noqa: E402,F401
+from fsa_compile.ops import _settings as settings  # noqa: E402
 from _harness import SelectedConfig  # noqa: E402
 from bench_selected import selected_problem  # noqa: E402
 
@@ -48,17 +50,23 @@ def main() -> None:
     parser.add_argument("--seqlen", type=int, default=65536)
     parser.add_argument("--groups", type=int, nargs="+", default=[1, 4])
     parser.add_argument("--impl", default="fsa")
+    parser.add_argument("--fused-index-inversion", choices=("on", "off", "both"), default="off",
+                        help="the setting fused_index_inversion (FSA work items in three launches); both: an A/B")
     args = parser.parse_args()
     print(torch.cuda.get_device_name(), f"T={args.seqlen} impl={args.impl}")
+    fused = {"on": [True], "off": [False], "both": [False, True]}[args.fused_index_inversion]
     for group in args.groups:
         steps, _ = selected_problem(SelectedConfig(seqlen=args.seqlen, group=group), args.impl)
         for name, step in steps.items():
-            per_call_ms(step, 3)
-            eager = per_call_ms(step)
-            graph = graph_of(step)
-            replay = per_call_ms(graph.replay)
-            print(f"G={group} {name}: eager back to back {eager:.2f} ms/call, CUDA graph replay {replay:.2f} ms/call",
-                  flush=True)
+            for fused_inversion in fused:
+                with settings.override("fused_index_inversion", fused_inversion):
+                    per_call_ms(step, 3)
+                    eager = per_call_ms(step)
+                    graph = graph_of(step)
+                    replay = per_call_ms(graph.replay)
+                tag = " (fused index inversion)" if fused_inversion else ""
+                print(f"G={group} {name}{tag}: eager back to back {eager:.2f} ms/call, CUDA graph replay "
+                      f"{replay:.2f} ms/call", flush=True)
 
 
 if __name__ == "__main__":

@@ -19,6 +19,8 @@ INVERSIONS = [
     (1, 161, 161, 2, 16, 5, (33, 0, 67, 61), 4, 0),  # packed, with an empty sequence
     (2, 90, 90, 1, 8, 6, None, 16, 50),  # a chunk that starts inside the flattened tokens
     (1, 200, 200, 2, 64, 4, None, 64, 0),  # every run fits one item
+    pytest.param((1, 8192, 8192, 4, 64, 16, None, 64, 0), marks=pytest.mark.gpu),
+    pytest.param((1, 3001, 3001, 2, 64, 8, (1000, 1, 2000), 32, 1024), marks=pytest.mark.gpu),
 ]
 
 
@@ -37,7 +39,8 @@ def _tables(fused: bool, batch, num_queries, num_keys, hkv, block_size, topk, le
     return items, keys
 
 
-@pytest.mark.parametrize("case", INVERSIONS, ids=lambda c: "-".join(map(str, c[:6])) + ("-packed" if c[6] else ""))
+@pytest.mark.parametrize("case", INVERSIONS, ids=lambda c: "-".join(map(str, c[:6])) + ("-packed" if c[6] else "")
+                         + f"-from{c[8]}")
 def test_fused_work_items_equal_the_torch_ones(case):
     want, want_keys = _tables(False, *case)
     got, got_keys = _tables(True, *case)
@@ -57,7 +60,7 @@ def test_fused_work_items_equal_the_torch_ones(case):
     Case(2, 37, 100, 4, 2, 32, 32),
 ], ids=lambda c: c.id)
 @pytest.mark.parametrize("deterministic", [False, True])
-def test_selected_attention_on_fused_work_items_matches_reference(case, deterministic):
+def test_selected_attention_on_fused_work_items_equals_the_reference(case, deterministic):
     q, k, v, cu = case.inputs(torch.float32)
     indices = make_indices(case.batch, case.num_queries, case.num_keys, case.hkv, 16, 3, cu)
     with selected_attention_path("fsa") as impl, _settings.override("fused_index_inversion", True):
