@@ -52,7 +52,7 @@ def _work_items_kernel(
     high = tl.zeros([BLOCK], dtype=tl.int32) + num_block_keys
     for _ in range(search_steps):  # the first key whose item_ends exceeds the item
         active = in_range & (low < high)
-        middle = (low + high) // 2
+        middle = low + (high - low) // 2
         ends = tl.load(item_ends + middle, mask=active, other=0)
         after = ends <= item
         low = tl.where(active & after, middle + 1, low)
