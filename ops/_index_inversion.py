@@ -84,23 +84,25 @@ def _work_items_torch(sorted_keys, sorted_entries, num_block_keys: int, num_item
 
 
 def _work_items_fused(sorted_keys, sorted_entries, num_block_keys: int, num_items: int, rows_per_item: int):
-    """WorkItems from int32 sorted keys in three Triton launches, a zero fill and a cumsum
+    """WorkItems from int32 sorted keys in three Triton launches, two zero fills and a cumsum
     (``_kernels/index_inversion.py``). The same tables as ``_work_items_torch`` except the start of unused items
     (length 0, never read): 0 here."""
     device, num_entries = sorted_keys.device, sorted_keys.numel()
-    runs = torch.zeros(2, num_block_keys, dtype=torch.int32, device=device)  # run starts, run ends
+    # Separate tensors rather than views of one: under torch.compile each launch's mutated arguments must not alias.
+    run_starts, run_ends = (torch.zeros(num_block_keys, dtype=torch.int32, device=device) for _ in range(2))
     entries = torch.empty(num_entries, dtype=torch.int32, device=device)
     launcher(_key_runs_kernel, (triton.cdiv(num_entries, 1024),))(
-        sorted_keys, sorted_entries, runs[0], runs[1], entries, num_entries, num_block_keys, BLOCK=1024,
+        sorted_keys, sorted_entries, run_starts, run_ends, entries, num_entries, num_block_keys, BLOCK=1024,
     )
     items_per_key = torch.empty(num_block_keys, dtype=torch.int32, device=device)
     launcher(_items_per_key_kernel, (triton.cdiv(num_block_keys, 1024),))(
-        runs[0], runs[1], items_per_key, num_block_keys, rows_per_item, BLOCK=1024,
+        run_starts, run_ends, items_per_key, num_block_keys, rows_per_item, BLOCK=1024,
     )
     item_ends = torch.cumsum(items_per_key, 0, dtype=torch.int32)
-    tables = torch.empty(3, num_items, dtype=torch.int32, device=device)  # keys, starts, lengths
+    item_keys, item_starts, item_lengths = (
+        torch.empty(num_items, dtype=torch.int32, device=device) for _ in range(3))
     launcher(_work_items_kernel, (triton.cdiv(num_items, 1024),))(
-        item_ends, runs[0], runs[1], tables[0], tables[1], tables[2], num_items, num_block_keys, rows_per_item,
-        num_block_keys.bit_length(), BLOCK=1024,
+        item_ends, run_starts, run_ends, item_keys, item_starts, item_lengths, num_items, num_block_keys,
+        rows_per_item, num_block_keys.bit_length(), BLOCK=1024,
     )
-    return WorkItems(entries, tables[0], tables[1], tables[2])
+    return WorkItems(entries, item_keys, item_starts, item_lengths)

@@ -67,8 +67,8 @@ _LAUNCH_SETTINGS: dict[tuple, object] = {
     # 32K 1.10/3.05 vs 1.06/2.85, 128K 12.5/39.6 vs 9.75/26.4; G = 16 32K 3.54/9.85 vs 4.15/11.2,
     # 64K 12.7/39.0 vs 12.0/32.9 (a probe of the two paths, 2026-12-02).
     ("compressed_dense", None, None, None): dict(max_group=4, min_tokens=65536),
-    # The FSA index inversion's tables after the sort in three Triton launches, a zero fill and a cumsum instead of
-    # about 25 torch ops (``_index_inversion._work_items_fused``; the host floor of eager calls). Off until measured
+    # The FSA index inversion's tables after the sort in three Triton launches, two zero fills and a cumsum instead
+    # of about 25 torch ops (``_index_inversion._work_items_fused``; the host floor of eager calls). Off until measured
     # on a GPU: tested against the torch tables in the interpreter only (2026-12-03).
     ("fused_index_inversion", None, None, None): False,
 }

@@ -1,5 +1,5 @@
-"""The work-item tables of the FSA kernels from the sorted selection keys, in three launches and a cumsum
-(``ops/_index_inversion.py``, setting ``fused_index_inversion``).
+"""The work-item tables of the FSA kernels from the sorted selection keys: three launches, two zero fills and a
+cumsum (``ops/_index_inversion.py``, setting ``fused_index_inversion``).
 
 A *key* is a selected KV block (``(b * HKV + h) * Tk + first key row``); ``num_block_keys`` marks entries never read.
 Key j's entries are one run of the sorted keys, cut into ``cdiv(count_j, rows_per_item)`` work items; items are
