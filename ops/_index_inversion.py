@@ -102,7 +102,7 @@ def _work_items_fused(sorted_keys, sorted_entries, num_block_keys: int, num_item
     item_keys, item_starts, item_lengths = (
         torch.empty(num_items, dtype=torch.int32, device=device) for _ in range(3))
     launcher(_work_items_kernel, (triton.cdiv(num_items, 1024),))(
-        item_ends, run_starts, run_ends, item_keys, item_starts, item_lengths, num_items, num_block_keys,
-        rows_per_item, num_block_keys.bit_length(), BLOCK=1024,
+        item_ends, items_per_key, run_starts, run_ends, item_keys, item_starts, item_lengths, num_items,
+        num_block_keys, rows_per_item, num_block_keys.bit_length(), BLOCK=1024,
     )
     return WorkItems(entries, item_keys, item_starts, item_lengths)

@@ -40,8 +40,8 @@ def _items_per_key_kernel(run_starts, run_ends, items_per_key, num_block_keys, r
 
 @triton.jit
 def _work_items_kernel(
-    item_ends, run_starts, run_ends, item_keys, item_starts, item_lengths, num_items, num_block_keys,
-    rows_per_item, search_steps, BLOCK: tl.constexpr,
+    item_ends, items_per_key, run_starts, run_ends, item_keys, item_starts, item_lengths, num_items,
+    num_block_keys, rows_per_item, search_steps, BLOCK: tl.constexpr,
 ):
     """Per item i: its key (a binary search of ``item_ends`` in ``search_steps >= log2(num_block_keys + 1)``
     halvings), its first sorted position and its length; unused items (past the last key's) get key 0, start 0,
@@ -61,8 +61,8 @@ def _work_items_kernel(
     key = tl.minimum(low, num_block_keys - 1)
     run_start = tl.load(run_starts + key, mask=used, other=0)
     count = tl.load(run_ends + key, mask=used, other=0) - run_start
-    num_key_items = (count + rows_per_item - 1) // rows_per_item
-    within = item - (tl.load(item_ends + key, mask=used, other=0) - num_key_items)
+    first_item = tl.load(item_ends + key, mask=used, other=0) - tl.load(items_per_key + key, mask=used, other=0)
+    within = item - first_item  # the item's index among its key's items
     length = tl.minimum(tl.maximum(count - within * rows_per_item, 0), rows_per_item)
     tl.store(item_keys + item, tl.where(used, key, 0), mask=in_range)
     tl.store(item_starts + item, tl.where(used, run_start + within * rows_per_item, 0), mask=in_range)
