@@ -169,6 +169,17 @@ def cpu_kernel_disabled(*ops):
         yield
 
 
+@contextlib.contextmanager
+def deterministic_algorithms(enabled: bool = True):
+    """``torch.use_deterministic_algorithms(enabled)`` inside the block, the previous mode restored after it."""
+    previous = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(enabled)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(previous)
+
+
 # Kernel paths of the attention ops: "torch" is the PyTorch CPU kernel, "triton" the Triton kernels (on CPU
 # tensors under TRITON_INTERPRET=1). selected_attention has two Triton kernels, "fsa" and "nsa".
 ATTENTION_PATHS = ("torch", "triton") if DEVICE == "cpu" else ("triton",)

@@ -11,8 +11,8 @@ import fsa_compile
 from fsa_compile import reference
 from fsa_compile.ops import compressed_attention, max_compressed_rows, select_blocks, sliding_window_attention
 from tests._testing import (
-    DEVICE, SELECTED_PATHS, attention_path, check_attention, make_cu_seqlens, make_indices, make_qkv,
-    selected_attention_path,
+    DEVICE, SELECTED_PATHS, attention_path, check_attention, deterministic_algorithms, make_cu_seqlens, make_indices,
+    make_qkv, selected_attention_path,
 )
 
 BUFFER = 40  # Tk: the keys each row's buffer holds
@@ -131,16 +131,11 @@ def test_selected(impl, dtype, fills):
 def test_deterministic_fsa_backward_over_caches():
     q, k, v, seqlens_k = cache_inputs(torch.float32, *FILLS["chunk"])
     indices = torch.cat([make_indices(1, 3, n, 2, BLOCK, 3) for n in FILLS["chunk"][1]])
-    previous = torch.are_deterministic_algorithms_enabled()
-    torch.use_deterministic_algorithms(True)
-    try:
-        with selected_attention_path("fsa") as impl:
-            out = fsa_compile.selected_attention(q, k, v, indices, BLOCK, impl=impl, seqlens_k=seqlens_k)
-            check_attention(out, lambda q, k, v: reference.selected_attention(q, k, v, indices, BLOCK,
-                                                                                  seqlens_k=seqlens_k),
-                            (q, k, v), torch.float32)
-    finally:
-        torch.use_deterministic_algorithms(previous)
+    with deterministic_algorithms(), selected_attention_path("fsa") as impl:
+        out = fsa_compile.selected_attention(q, k, v, indices, BLOCK, impl=impl, seqlens_k=seqlens_k)
+        check_attention(out, lambda q, k, v: reference.selected_attention(q, k, v, indices, BLOCK,
+                                                                              seqlens_k=seqlens_k),
+                        (q, k, v), torch.float32)
 
 
 @pytest.mark.parametrize(

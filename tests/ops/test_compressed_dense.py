@@ -11,7 +11,7 @@ import fsa_compile
 from fsa_compile import reference
 from fsa_compile.ops import _compressed_dense as dense
 from fsa_compile.ops import _settings
-from tests._testing import RATIO, assert_close, grads, make_qkv, to_reference
+from tests._testing import RATIO, assert_close, deterministic_algorithms, grads, make_qkv, to_reference
 
 
 def plain_attention(q, k, v, scale):
@@ -177,15 +177,11 @@ def test_deterministic_algorithms_take_the_triton_backward(monkeypatch):
         raise AssertionError("the cuDNN backward ran under deterministic algorithms")
 
     monkeypatch.setattr(dense, "backward_op", cudnn_backward)
-    previous = torch.are_deterministic_algorithms_enabled()
-    torch.use_deterministic_algorithms(True)
-    try:
+    with deterministic_algorithms():
         grads_twice = []
         for _ in range(2):
             inputs = [x.detach().requires_grad_() for x in (q, k_cmp, v_cmp)]
             o, _ = fsa_compile.compressed_attention(*inputs, 32, 16)
             grads_twice.append(torch.autograd.grad(o, inputs, do))
-    finally:
-        torch.use_deterministic_algorithms(previous)
     for first, second in zip(*grads_twice):
         assert torch.equal(first, second)

@@ -8,7 +8,7 @@ from fsa_compile import reference
 from fsa_compile.ops import SequenceLayout, _settings
 from fsa_compile.ops._index_inversion import invert_indices
 from tests._testing import (
-    DEVICE, Case, check_attention, make_cu_seqlens, make_indices, selected_attention_path,
+    DEVICE, Case, check_attention, deterministic_algorithms, make_cu_seqlens, make_indices, selected_attention_path,
 )
 
 # (batch, Tq, Tk, Hkv, block_size, topk, sequence lengths (packed) or None, rows per item, first flattened token)
@@ -63,14 +63,10 @@ def test_fused_work_items_equal_the_torch_ones(case):
 def test_selected_attention_on_fused_work_items_equals_the_reference(case, deterministic):
     q, k, v, cu = case.inputs(torch.float32)
     indices = make_indices(case.batch, case.num_queries, case.num_keys, case.hkv, 16, 3, cu)
-    with selected_attention_path("fsa") as impl, _settings.override("fused_index_inversion", True):
-        previous = torch.are_deterministic_algorithms_enabled()
-        torch.use_deterministic_algorithms(deterministic)
-        try:
-            out = torch.ops.fsa.selected_attention(q, k, v, indices, 16, None, cu, impl)
-            check_attention(
-                out, lambda q, k, v: reference.selected_attention(q, k, v, indices, 16, None, cu), (q, k, v),
-                torch.float32,
-            )
-        finally:
-            torch.use_deterministic_algorithms(previous)
+    with (selected_attention_path("fsa") as impl, _settings.override("fused_index_inversion", True),
+          deterministic_algorithms(deterministic)):
+        out = torch.ops.fsa.selected_attention(q, k, v, indices, 16, None, cu, impl)
+        check_attention(
+            out, lambda q, k, v: reference.selected_attention(q, k, v, indices, 16, None, cu), (q, k, v),
+            torch.float32,
+        )

@@ -91,19 +91,14 @@ def test_selected(impl, dtype):
 
 def test_deterministic_fsa_backward_with_packed_keys():
     """The deterministic dk/dv sum reads each key row's sequence start (not the query's)."""
-    from tests._testing import selected_attention_path
+    from tests._testing import deterministic_algorithms, selected_attention_path
 
     q, k, v, cu_q, cu_k = packed_inputs(torch.float32)
     indices = make_indices(1, sum(QUERIES), sum(KEYS), 2, 8, 3, cu_q, cu_seqlens_k=cu_k)
-    previous = torch.are_deterministic_algorithms_enabled()
-    torch.use_deterministic_algorithms(True)
-    try:
-        with selected_attention_path("fsa" if DEVICE == "cpu" else "fsa") as impl:
-            out = fsa_compile.selected_attention(q, k, v, indices, 8, None, cu_q, impl, cu_seqlens_k=cu_k)
-            check_attention(out, lambda q, k, v: reference.selected_attention(q, k, v, indices, 8, None, cu_q, cu_k),
-                            (q, k, v), torch.float32)
-    finally:
-        torch.use_deterministic_algorithms(previous)
+    with deterministic_algorithms(), selected_attention_path("fsa") as impl:
+        out = fsa_compile.selected_attention(q, k, v, indices, 8, None, cu_q, impl, cu_seqlens_k=cu_k)
+        check_attention(out, lambda q, k, v: reference.selected_attention(q, k, v, indices, 8, None, cu_q, cu_k),
+                        (q, k, v), torch.float32)
 
 
 @pytest.mark.parametrize(

@@ -7,7 +7,7 @@ from fsa_compile.ops import _launch, _selected_launchers, _settings
 from fsa_compile.ops._selected_launchers import Call, choose_kernel
 from tests._testing import (
     DEVICE, RATIO, SELECTED_PATHS, assert_close, case_params, check_attention, check_on_query_suffix, grads,
-    make_cu_seqlens, make_indices, make_qkv, selected_attention_path,
+    deterministic_algorithms, make_cu_seqlens, make_indices, make_qkv, selected_attention_path,
 )
 
 BLOCKS = [(16, 3), (32, 2), (64, 4)]  # (block_size, topk); the last asks for more blocks than T=63..161 has
@@ -228,9 +228,7 @@ def test_deterministic_algorithms_give_a_run_to_run_identical_backward(
     dtype = torch.bfloat16 if num_tokens > 1000 else torch.float32  # GPU sizes in the training dtype
     q, k, v = make_qkv(batch, num_tokens, num_tokens, hq, hkv, d, dtype=dtype)
     indices = make_indices(batch, num_tokens, num_tokens, hkv, block_size, topk, cu)
-    previous = torch.are_deterministic_algorithms_enabled()
-    torch.use_deterministic_algorithms(True)
-    try:
+    with deterministic_algorithms():
         runs = []
         for _ in range(2):
             o, lse = torch.ops.fsa.selected_attention(q, k, v, indices, block_size, None, cu, impl)
@@ -247,8 +245,6 @@ def test_deterministic_algorithms_give_a_run_to_run_identical_backward(
                 out, lambda q, k, v: reference.selected_attention(q, k, v, indices, block_size, None, cu), (q, k, v),
                 torch.float32,
             )
-    finally:
-        torch.use_deterministic_algorithms(previous)
     if num_tokens > 1000:  # GPU sizes: the same gradients as the default (atomics) backward
         o, lse = torch.ops.fsa.selected_attention(q, k, v, indices, block_size, None, cu, impl)
         default = torch.autograd.grad((o * o).sum() + lse.sum(), (q, k, v))
