@@ -68,9 +68,11 @@ _LAUNCH_SETTINGS: dict[tuple, object] = {
     # 64K 12.7/39.0 vs 12.0/32.9 (a probe of the two paths, 2026-12-02).
     ("compressed_dense", None, None, None): dict(max_group=4, min_tokens=65536),
     # The FSA index inversion's tables after the sort in three Triton launches, two zero fills and a cumsum instead
-    # of about 25 torch ops (``_index_inversion._work_items_fused``; the host floor of eager calls). Off until measured
-    # on a GPU: tested against the torch tables in the interpreter only (2026-12-03).
-    ("fused_index_inversion", None, None, None): False,
+    # of about 25 torch ops (``_index_inversion._work_items_fused``; the host floor of eager calls). H200, bf16,
+    # benchmarks/steady_state_selected.py, eager / CUDA-graph ms per call, torch ops vs fused: 16K G = 1 fwd
+    # 1.07/0.49 vs 0.75/0.45, bwd 1.09/0.74 vs 0.89/0.70; 64K G = 4 fwd 5.39/5.21 vs 5.18/5.05, bwd 8.94/8.81 vs
+    # 8.77/8.73 (2026-12-03). False: the torch ops (the A/B, and int64 keys, which always take them).
+    ("fused_index_inversion", None, None, None): True,
 }
 
 

@@ -63,37 +63,27 @@ def test_gate_and_combination_fuse_into_one_kernel_cuda(cuda_kernels):
     _assert_gate_and_combination_fused(cuda_kernels[0])
 
 
+def _kernel_summary(kernels: list[str]) -> list[str]:
+    """The fsa ops' own kernels by name; Inductor's generated kernels as a count per kind (``triton_poi``, ...).
+    Inductor names a kernel after the ops fused into it, and at these tiny shapes that naming changed between runs
+    of the same code on the same card (a small matmul's name joined the pointwise kernels that read it)."""
+    own = [name for name in kernels if not name.startswith("triton_")]
+    kinds = sorted({name.split("_fused")[0] for name in kernels if name.startswith("triton_")})
+    counts = [f"{kind}: {sum(name.startswith(kind + '_') for name in kernels)}" for kind in kinds]
+    return own + counts
+
+
 @pytest.mark.gpu
 @needs_cuda
 def test_pinned_kernel_list_cuda(cuda_kernels):
-    """Pinned on the H200, torch 2.11 (2026-12-03). Inductor's choices may depend on the GPU: the H200 emits one
-    small matmul as a Triton kernel (``triton_poi_fused_mm_view_*``) where the H100 called cuBLAS (it did not
-    between the layout refactor and the one-matmul projections). Only measured on the H200."""
+    """Pinned on the H200, torch 2.11 (2026-12-03): the fsa ops' Triton kernels that Inductor launches and the number
+    of kernels it generates around them (projections, RoPE, compression, gates). Only measured on the H200."""
     kernels, calls = cuda_kernels
-    assert_expected_inline("\n".join(kernels + calls), """\
+    assert_expected_inline("\n".join(_kernel_summary(kernels) + calls), """\
 _masked_attention_fwd_kernel
 _select_blocks_kernel
 _selected_attention_nsa_fwd_kernel
-triton_poi_fused__to_copy__unsafe_view_add_addcmul_arange_cat_clamp_clone_cos_div_floor_divide_mul_neg_pow_remainder_select_sin_slice_split_with_sizes_sub_transpose_unsqueeze_view_1
-triton_poi_fused__to_copy__unsafe_view_add_addcmul_arange_cat_clamp_clone_cos_div_floor_divide_mul_neg_pow_remainder_select_sin_slice_split_with_sizes_sub_transpose_unsqueeze_view_4
-triton_poi_fused__to_copy__unsafe_view_add_addcmul_arange_cat_clamp_clone_cos_div_floor_divide_mul_neg_pow_select_slice_split_with_sizes_sub_transpose_unsqueeze_view_6
-triton_poi_fused__to_copy__unsafe_view_add_addcmul_arange_cat_clamp_clone_cos_div_floor_divide_mul_neg_pow_select_slice_split_with_sizes_sub_transpose_unsqueeze_view_7
-triton_poi_fused__to_copy__unsafe_view_add_addcmul_arange_cat_clamp_clone_cos_div_floor_divide_mul_neg_pow_select_slice_split_with_sizes_sub_transpose_unsqueeze_view_8
-triton_poi_fused__to_copy__unsafe_view_add_addcmul_arange_cat_clone_cos_div_floor_divide_mul_neg_pow_remainder_select_slice_split_with_sizes_sub_transpose_unsqueeze_view_10
-triton_poi_fused__to_copy__unsafe_view_add_addcmul_arange_cat_clone_cos_div_floor_divide_mul_neg_pow_remainder_select_slice_split_with_sizes_sub_transpose_unsqueeze_view_11
-triton_poi_fused__to_copy__unsafe_view_add_addcmul_arange_cat_clone_cos_div_floor_divide_mul_neg_pow_remainder_select_slice_split_with_sizes_sub_transpose_unsqueeze_view_12
-triton_poi_fused__to_copy__unsafe_view_add_addcmul_arange_cat_clone_cos_div_floor_divide_mul_neg_pow_remainder_select_slice_split_with_sizes_sub_transpose_unsqueeze_view_9
-triton_poi_fused__to_copy__unsafe_view_add_addcmul_arange_cat_clone_cos_div_mul_neg_pow_sin_slice_split_with_sizes_sub_unsqueeze_view_13
-triton_poi_fused__to_copy__unsafe_view_add_addcmul_arange_cat_clone_cos_div_mul_neg_pow_split_with_sizes_sub_unsqueeze_view_14
-triton_poi_fused__to_copy__unsafe_view_add_addcmul_arange_cat_clone_cos_div_mul_neg_pow_split_with_sizes_sub_unsqueeze_view_16
-triton_poi_fused__to_copy__unsafe_view_add_addcmul_arange_cat_clone_cos_div_mul_neg_pow_split_with_sizes_sub_unsqueeze_view_17
-triton_poi_fused__to_copy__unsafe_view_add_addcmul_arange_cat_clone_cos_div_mul_neg_pow_split_with_sizes_unsqueeze_view_15
-triton_poi_fused__unsafe_view_clone_expand_transpose_view_3
-triton_poi_fused__unsafe_view_clone_permute_slice_split_with_sizes_view_2
-triton_poi_fused__unsafe_view_clone_permute_slice_split_with_sizes_view_5
-triton_poi_fused_add_addmm_mul_sigmoid_slice_view_18
-triton_poi_fused_cat_0
-triton_poi_fused_mm_view_19""")
+triton_poi: 20""")
 
 
 # Inductor's fusion choices change between releases (torch 2.11 fuses the CPU layer into other kernels): the CPU
