@@ -70,7 +70,8 @@ def generate(model: Transformer, prompt: torch.Tensor, new_tokens: int, temperat
              compile_step: bool = False) -> tuple[torch.Tensor, dict]:
     """prompt int64 [B, T] -> (the new tokens [B, new_tokens], timings). One prefill call, then one call per token,
     all through one ``NSACache`` per layer; the decode step replayed from a CUDA graph when ``cuda_graph`` (default:
-    on CUDA), compiled first with ``compile_step``."""
+    on CUDA, except for a float64 model: float64 runs the ops' PyTorch paths, which read the cache fills on the host
+    and cannot be captured), compiled first with ``compile_step``."""
     batch, prompt_len = prompt.shape
     cache = model.make_cache(batch, prompt_len + new_tokens)
     synchronize = torch.cuda.synchronize if prompt.is_cuda else (lambda: None)
@@ -84,7 +85,9 @@ def generate(model: Transformer, prompt: torch.Tensor, new_tokens: int, temperat
         return model(tokens, cache=cache)[:, -1]
 
     capture_s = 0.0
-    if (prompt.is_cuda if cuda_graph is None else cuda_graph) and new_tokens > 1:
+    if cuda_graph is None:
+        cuda_graph = prompt.is_cuda and next(model.parameters()).dtype != torch.float64
+    if cuda_graph and new_tokens > 1:
         start = time.perf_counter()
         step = CUDAGraphStep(torch.compile(step, dynamic=False) if compile_step else step, cache, token)
         synchronize()

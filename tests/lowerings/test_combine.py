@@ -63,27 +63,24 @@ def test_gate_and_combination_fuse_into_one_kernel_cuda(cuda_kernels):
     _assert_gate_and_combination_fused(cuda_kernels[0])
 
 
-def _kernel_summary(kernels: list[str]) -> list[str]:
-    """The fsa ops' own kernels by name; Inductor's generated kernels as a count per kind (``triton_poi``, ...).
-    Inductor names a kernel after the ops fused into it, and at these tiny shapes that naming changed between runs
-    of the same code on the same card (a small matmul's name joined the pointwise kernels that read it)."""
-    own = [name for name in kernels if not name.startswith("triton_")]
-    kinds = sorted({name.split("_fused")[0] for name in kernels if name.startswith("triton_")})
-    counts = [f"{kind}: {sum(name.startswith(kind + '_') for name in kernels)}" for kind in kinds]
-    return own + counts
+# Inductor's own kernels around the ops (projections, RoPE, compression, gates) in one compiled forward of the small
+# layer on the H200, torch 2.11: 19 in one run and 20 in another of the same code (2026-12-03: whether a small matmul
+# became its own kernel), with different fused-op names; so their number is bounded, not pinned.
+MAX_INDUCTOR_KERNELS_CUDA = 20
 
 
 @pytest.mark.gpu
 @needs_cuda
 def test_pinned_kernel_list_cuda(cuda_kernels):
-    """Pinned on the H200, torch 2.11 (2026-12-03): the fsa ops' Triton kernels that Inductor launches and the number
-    of kernels it generates around them (projections, RoPE, compression, gates). Only measured on the H200."""
+    """Pinned on the H200, torch 2.11 (2026-12-03): the fsa ops' Triton kernels that Inductor launches itself, and at
+    most MAX_INDUCTOR_KERNELS_CUDA kernels of Inductor's own."""
     kernels, calls = cuda_kernels
-    assert_expected_inline("\n".join(_kernel_summary(kernels) + calls), """\
+    own = [name for name in kernels if not name.startswith("triton_")]
+    assert_expected_inline("\n".join(own + calls), """\
 _masked_attention_fwd_kernel
 _select_blocks_kernel
-_selected_attention_nsa_fwd_kernel
-triton_poi: 20""")
+_selected_attention_nsa_fwd_kernel""")
+    assert len(kernels) - len(own) <= MAX_INDUCTOR_KERNELS_CUDA, kernels
 
 
 # Inductor's fusion choices change between releases (torch 2.11 fuses the CPU layer into other kernels): the CPU
