@@ -50,8 +50,9 @@ def main() -> None:
     parser.add_argument("--seqlen", type=int, default=65536)
     parser.add_argument("--groups", type=int, nargs="+", default=[1, 4])
     parser.add_argument("--impl", default="fsa")
-    parser.add_argument("--fused-index-inversion", choices=("on", "off", "both"), default="off",
-                        help="the setting fused_index_inversion (FSA work items in three launches); both: an A/B")
+    parser.add_argument("--fused-index-inversion", choices=("on", "off", "both"), default="on",
+                        help="the setting fused_index_inversion (FSA work items in three launches, the default); "
+                             "both: an A/B")
     args = parser.parse_args()
     print(torch.cuda.get_device_name(), f"T={args.seqlen} impl={args.impl}")
     fused = {"on": [True], "off": [False], "both": [False, True]}[args.fused_index_inversion]
