@@ -13,12 +13,11 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import torch
-import triton
 
 from . import _settings
 from ._kernels.index_inversion import _items_per_key_kernel, _key_runs_kernel, _work_items_kernel
 from ._kernels.selected_fsa import _selection_keys_kernel
-from ._launch import launcher
+from ._launch import cdiv, launcher
 
 
 class WorkItems(NamedTuple):
@@ -45,7 +44,7 @@ def invert_indices(indices, first_token, num_queries, query_rows, sequence_start
     keys = torch.empty(indices.numel(), dtype=torch.int32 if num_block_keys < 2**31 - 1 else torch.int64,
                        device=device)
     if keys.numel() > 0:
-        launcher(_selection_keys_kernel, (triton.cdiv(keys.numel(), 1024),))(
+        launcher(_selection_keys_kernel, (cdiv(keys.numel(), 1024),))(
             indices, query_rows, sequence_starts, keys, first_token, keys.numel(), num_block_keys, num_queries,
             num_keys, HKV=hkv, TOPK=topk, BS=block_size, BLOCK=1024,
         )
@@ -91,17 +90,17 @@ def _work_items_fused(sorted_keys, sorted_entries, num_block_keys: int, num_item
     # Separate tensors rather than views of one: under torch.compile each launch's mutated arguments must not alias.
     run_starts, run_ends = (torch.zeros(num_block_keys, dtype=torch.int32, device=device) for _ in range(2))
     entries = torch.empty(num_entries, dtype=torch.int32, device=device)
-    launcher(_key_runs_kernel, (triton.cdiv(num_entries, 1024),))(
+    launcher(_key_runs_kernel, (cdiv(num_entries, 1024),))(
         sorted_keys, sorted_entries, run_starts, run_ends, entries, num_entries, num_block_keys, BLOCK=1024,
     )
     items_per_key = torch.empty(num_block_keys, dtype=torch.int32, device=device)
-    launcher(_items_per_key_kernel, (triton.cdiv(num_block_keys, 1024),))(
+    launcher(_items_per_key_kernel, (cdiv(num_block_keys, 1024),))(
         run_starts, run_ends, items_per_key, num_block_keys, rows_per_item, BLOCK=1024,
     )
     item_ends = torch.cumsum(items_per_key, 0, dtype=torch.int32)
     item_keys, item_starts, item_lengths = (
         torch.empty(num_items, dtype=torch.int32, device=device) for _ in range(3))
-    launcher(_work_items_kernel, (triton.cdiv(num_items, 1024),))(
+    launcher(_work_items_kernel, (cdiv(num_items, 1024),))(
         item_ends, items_per_key, run_starts, run_ends, item_keys, item_starts, item_lengths, num_items,
         num_block_keys, rows_per_item, num_block_keys.bit_length(), BLOCK=1024,
     )

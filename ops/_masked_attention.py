@@ -11,7 +11,6 @@ from __future__ import annotations
 import functools
 
 import torch
-import triton
 
 from . import _settings
 from ._kernels.masked_attention import (
@@ -19,7 +18,7 @@ from ._kernels.masked_attention import (
     _masked_attention_bwd_dq_kernel,
     _masked_attention_fwd_kernel,
 )
-from ._launch import attention_config, launch_fitting, launcher, softmax_backward_delta
+from ._launch import attention_config, cdiv, launch_fitting, launcher, next_power_of_2, softmax_backward_delta
 from ._library import attention_outputs_like
 
 
@@ -43,7 +42,7 @@ def _span_tables(key_lo, key_hi):
 
 def _config(q, k, v):
     config = attention_config(q, k, v)
-    return dict(config, GP=triton.next_power_of_2(config["G"]))
+    return dict(config, GP=next_power_of_2(config["G"], minimum=1))
 
 
 def _rows(settings, config):
@@ -57,9 +56,9 @@ def _key_splits(q, config, max_span: int | None) -> int:
     if max_span is None or q.device.type != "cuda" and _settings.get("masked_fwd_programs") is None:
         return 1
     tokens_per_program = _rows(_settings.get("masked_fwd", q.dtype, config["G"], config["D"])[0], config)["BLOCK_M"]
-    programs = triton.cdiv(q.shape[1], tokens_per_program // config["GP"]) * q.shape[0] * config["HKV"]
+    programs = cdiv(q.shape[1], tokens_per_program // config["GP"]) * q.shape[0] * config["HKV"]
     target = _settings.get("masked_fwd_programs") or 2 * _multiprocessors(q.device)
-    return max(1, min(triton.cdiv(target, programs), max_span // _settings.get("masked_fwd_split_min_keys")))
+    return max(1, min(cdiv(target, programs), max_span // _settings.get("masked_fwd_split_min_keys")))
 
 
 @functools.cache
@@ -82,11 +81,11 @@ def masked_attention_forward(q, k, v, key_lo, key_hi, scale: float, max_span: in
         o = q.new_empty((splits, *q.shape[:3], v.shape[-1]), dtype=torch.float32)
         lse = q.new_empty((splits, *q.shape[:3]), dtype=torch.float32)
     spans = _span_tables(key_lo, key_hi)
-    split_len = triton.cdiv(max_span, splits) if splits > 1 else 0
+    split_len = cdiv(max_span, splits) if splits > 1 else 0
 
     def launch(settings):
         settings = _rows(settings, config)
-        grid = (triton.cdiv(num_queries, settings["BLOCK_M"] // config["GP"]), batch * config["HKV"], splits)
+        grid = (cdiv(num_queries, settings["BLOCK_M"] // config["GP"]), batch * config["HKV"], splits)
         launcher(_masked_attention_fwd_kernel, grid)(
             q, k, v, **spans, o=o, lse=lse, scale=scale, Tq=num_queries, Tk=k.shape[1], split_len=split_len,
             **config, **settings,
@@ -105,7 +104,7 @@ def _query_chunks(max_tokens_per_key: int, tokens_per_step: int) -> tuple[int, i
     """(chunks, tokens per chunk, a multiple of tokens_per_step) covering max_tokens_per_key tokens."""
     most, least_tokens = _settings.get("masked_dkdv_max_chunks"), _settings.get("masked_dkdv_chunk_tokens")
     chunks = max(1, min(most, max_tokens_per_key // least_tokens))
-    steps = triton.cdiv(triton.cdiv(max_tokens_per_key, chunks), tokens_per_step)
+    steps = cdiv(cdiv(max_tokens_per_key, chunks), tokens_per_step)
     return chunks, steps * tokens_per_step
 
 
@@ -129,7 +128,7 @@ def masked_attention_backward(do, dlse, q, k, v, o, lse, key_lo, key_hi, scale: 
 
     def launch_dq(settings):
         settings = _rows(settings, config)
-        grid = (triton.cdiv(num_queries, settings["BLOCK_M"] // config["GP"]), batch * config["HKV"])
+        grid = (cdiv(num_queries, settings["BLOCK_M"] // config["GP"]), batch * config["HKV"])
         launcher(_masked_attention_bwd_dq_kernel, grid)(dq=dq, **common, **settings)
 
     def launch_dkdv(settings):
@@ -142,7 +141,7 @@ def masked_attention_backward(do, dlse, q, k, v, o, lse, key_lo, key_hi, scale: 
         else:
             dk = k.new_empty((chunks, *k.shape), dtype=torch.float32)
             dv = v.new_empty((chunks, *v.shape), dtype=torch.float32)
-        grid = (triton.cdiv(num_keys, settings["BLOCK_N"]), batch * config["HKV"], chunks)
+        grid = (cdiv(num_keys, settings["BLOCK_N"]), batch * config["HKV"], chunks)
         launcher(_masked_attention_bwd_dkdv_kernel, grid)(
             query_lo=query_lo.to(torch.int32), query_hi=query_hi.to(torch.int32), dk=dk, dv=dv,
             chunk_tokens=chunk_tokens, query_span_stride=num_keys if query_lo.dim() == 2 else 0, **common, **settings,

@@ -16,7 +16,6 @@ from __future__ import annotations
 from typing import Callable, NamedTuple
 
 import torch
-import triton
 
 from . import _settings
 from ._index_inversion import invert_indices
@@ -28,7 +27,9 @@ from ._kernels.selected_fsa import (
     _selected_attention_fsa_merge_kernel,
 )
 from ._kernels.selected_nsa import _selected_attention_nsa_bwd_kernel, _selected_attention_nsa_fwd_kernel
-from ._launch import attention_config, launch_fitting, launcher, next_power_of_2, softmax_backward_delta
+from ._launch import (
+    attention_config, cdiv, launch_fitting, launcher, next_power_of_2, softmax_backward_delta,
+)
 from ._layout import SequenceLayout
 from ._library import attention_outputs_like, resolve_scale
 
@@ -94,7 +95,7 @@ def _token_chunks(indices, bytes_per_entry):
 
 def _fsa_work(k, indices, first_token, num_queries, layout, tables, block_size, group, settings):
     """Inverted indices of one chunk, the meta-parameters of its launch and the entries' selection keys."""
-    gp = triton.next_power_of_2(group)
+    gp = next_power_of_2(group, minimum=1)
     block_m = max(settings["block_m"], gp)
     items, keys = invert_indices(
         indices, first_token, num_queries, tables["query_rows"], tables["sequence_starts"], block_size, k.shape[1],
@@ -121,7 +122,7 @@ def _fsa_forward(q, k, v, indices, layout, block_size, scale, config, tables):
 
         gp = launch_fitting("selected_fsa_fwd", launch, q, config)["GP"]
         block_r = max(16, gp)
-        launcher(_selected_attention_fsa_merge_kernel, (triton.cdiv(chunk.shape[0], block_r // gp), hkv))(
+        launcher(_selected_attention_fsa_merge_kernel, (cdiv(chunk.shape[0], block_r // gp), hkv))(
             o_partial=o_partial, lse_partial=lse_partial, o=o, lse=lse, first_token=first_token,
             num_tokens=chunk.shape[0], HKV=hkv, G=group, GP=gp, TOPK=topk, DV=config["DV"], BLOCK_R=block_r,
             BLOCK_DV=config["BLOCK_DV"],
@@ -164,7 +165,7 @@ def _fsa_backward(do, q, k, v, lse, delta, indices, layout, block_size, scale, c
 
         gp, keys = launch_fitting("selected_fsa_bwd", launch, q, dict(config, DETERMINISTIC=deterministic))
         block_r = max(16, gp)
-        launcher(_selected_attention_fsa_dq_sum_kernel, (triton.cdiv(chunk.shape[0], block_r // gp), hkv))(
+        launcher(_selected_attention_fsa_dq_sum_kernel, (cdiv(chunk.shape[0], block_r // gp), hkv))(
             dq_partial=dq_partial, selection_keys=keys, dq=dq, first_token=first_token, num_tokens=chunk.shape[0],
             unread_key=k.shape[0] * hkv * k.shape[1], HKV=hkv, G=group, GP=gp, TOPK=config["TOPK"], D=config["D"],
             BLOCK_R=block_r, BLOCK_D=config["BLOCK_D"],

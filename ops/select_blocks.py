@@ -21,13 +21,12 @@ and for float64.
 from __future__ import annotations
 
 import torch
-import triton
 
 from . import _settings
 from . import _torch_attention as torch_attention
 from . import _validation as check
 from ._kernels.select_blocks import _select_blocks_kernel
-from ._launch import launcher, next_power_of_2
+from ._launch import cdiv, launcher, next_power_of_2
 from ._layout import SequenceLayout, visible_compressed
 from ._library import define_op, resolve_scale
 from .compressed_attention import visible_compressed_keys
@@ -147,7 +146,7 @@ def _tiles(q, num_cmp, kernel_size, kernel_stride, tile_tokens, layout):
     (packed: a bound on the number of tiles; the spare tiles are empty)."""
     batch, num_queries, device = q.shape[0], q.shape[1], q.device
     if not layout.packed:
-        per_row = triton.cdiv(num_queries, tile_tokens)
+        per_row = cdiv(num_queries, tile_tokens)
         tile = torch.arange(batch * per_row, device=device)
         b, start = tile // per_row, (tile % per_row) * tile_tokens
         tables = (b * num_queries + start, (b + 1) * num_queries, start + layout.query_offset, b * num_cmp)
@@ -156,7 +155,7 @@ def _tiles(q, num_cmp, kernel_size, kernel_stride, tile_tokens, layout):
         lengths = bounds[1:] - bounds[:-1]
         tiles_per_sequence = (lengths + tile_tokens - 1) // tile_tokens
         tile_ends = tiles_per_sequence.cumsum(0)
-        tile = torch.arange(triton.cdiv(num_queries, tile_tokens) + lengths.shape[0], device=device)
+        tile = torch.arange(cdiv(num_queries, tile_tokens) + lengths.shape[0], device=device)
         sequence = torch.searchsorted(tile_ends, tile, right=True).clamp(max=lengths.shape[0] - 1)
         start = (tile - (tile_ends - tiles_per_sequence)[sequence]) * tile_tokens
         end = bounds[1:][sequence]
@@ -193,7 +192,7 @@ def _select_blocks_few_queries(q, k_cmp, lse, kernel_size, kernel_stride, block_
     logits = torch.einsum("bthgd,bshd->bthgs", q.view(batch, num_queries, hkv, hq // hkv, d).float(), k_cmp.float())
     logits = logits * resolve_scale(scale, d) - lse.view(batch, num_queries, hkv, hq // hkv, 1)
     probs = torch.where(visible[:, :, None, None, :], torch.exp(logits), 0.0).sum(3)  # [B, Tq, Hkv, Tc]
-    width = max(triton.cdiv(layout.num_keys, block_size), topk)
+    width = max(cdiv(layout.num_keys, block_size), topk)
     scores = _pool_onto_blocks(probs, kernel_size, kernel_stride, block_size, width)
     return _top_blocks(scores, (positions // block_size)[..., None, None], topk, init_blocks, local_blocks)
 
@@ -212,7 +211,7 @@ def _select_blocks_triton(
     batch, num_queries, hq, d = q.shape
     hkv = k_cmp.shape[2]
     group = hq // hkv
-    group_padded = triton.next_power_of_2(group)
+    group_padded = next_power_of_2(group, minimum=1)
     settings = _settings.get("select_blocks", q.dtype, group, d)[0]
     tile_tokens = max(16, settings["rows"] // group_padded)
     topk_padded = next_power_of_2(topk)
