@@ -21,8 +21,8 @@ _FITTING_SETTINGS: dict[tuple, tuple[tuple, int]] = {}
 _traced_launch_check = None
 
 
-# Host-side integer helpers in plain Python: triton.cdiv / triton.next_power_of_2 are constexpr functions since
-# triton 3.5 and cost ~2 us per host call (measured with triton 3.9), ten or more per op call.
+# Host-side integer helpers in plain Python: in recent triton (3.9 measured) triton.cdiv / triton.next_power_of_2
+# are constexpr functions that cost ~2 us per host call, and an op call makes ten or more.
 def cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
