@@ -9,10 +9,11 @@ import torch
 
 import fsa_compile
 from fsa_compile import reference
-from fsa_compile.ops import compressed_attention, select_blocks, selected_attention, sliding_window_attention
+from fsa_compile.ops import compressed_attention, select_blocks, sliding_window_attention
 from fsa_compile.ops._layout import num_compressed
 from tests._testing import (
-    DEVICE, RATIO, SELECTED_PATHS, attention_path, check_attention, make_cu_seqlens, make_indices, make_qkv,
+    DEVICE, SELECTED_PATHS, attention_path, check_attention, deterministic_algorithms, make_cu_seqlens, make_indices,
+    make_qkv, selected_attention_path,
 )
 
 # (queries, keys) per sequence: a decode step, an empty query chunk, a chunk of a long sequence, a short one.
@@ -79,8 +80,6 @@ def test_select_blocks_exactly(path):
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
 @pytest.mark.parametrize("impl", SELECTED_PATHS)
 def test_selected(impl, dtype):
-    from tests._testing import selected_attention_path
-
     q, k, v, cu_q, cu_k = packed_inputs(dtype)
     indices = make_indices(1, sum(QUERIES), sum(KEYS), 2, 8, 3, cu_q, cu_seqlens_k=cu_k)
     with selected_attention_path(impl) as impl:
@@ -91,8 +90,6 @@ def test_selected(impl, dtype):
 
 def test_deterministic_fsa_backward_with_packed_keys():
     """The deterministic dk/dv sum reads each key row's sequence start (not the query's)."""
-    from tests._testing import deterministic_algorithms, selected_attention_path
-
     q, k, v, cu_q, cu_k = packed_inputs(torch.float32)
     indices = make_indices(1, sum(QUERIES), sum(KEYS), 2, 8, 3, cu_q, cu_seqlens_k=cu_k)
     with deterministic_algorithms(), selected_attention_path("fsa") as impl:
