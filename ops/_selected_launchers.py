@@ -27,9 +27,7 @@ from ._kernels.selected_fsa import (
     _selected_attention_fsa_merge_kernel,
 )
 from ._kernels.selected_nsa import _selected_attention_nsa_bwd_kernel, _selected_attention_nsa_fwd_kernel
-from ._launch import (
-    attention_config, cdiv, launch_fitting, launcher, next_power_of_2, softmax_backward_delta,
-)
+from ._launch import attention_config, cdiv, launch_fitting, launcher, next_power_of_2, softmax_backward_delta
 from ._layout import SequenceLayout
 from ._library import attention_outputs_like, resolve_scale
 
