@@ -17,6 +17,7 @@ from fsa_compile.functional import (
 )
 from fsa_compile.kv_cache import CUDAGraphStep, NSACache
 from fsa_compile.modules import FlashSparseAttention
+from fsa_compile.ops._eager_graphs import set_eager_cuda_graphs
 
 lowerings.register()
 
@@ -32,5 +33,6 @@ __all__ = [
     "nsa_attention",
     "select_blocks",
     "selected_attention",
+    "set_eager_cuda_graphs",
     "sliding_window_attention",
 ]

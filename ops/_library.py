@@ -7,6 +7,7 @@ from typing import Callable
 import torch
 from torch._library.triton import set_wrap_triton_enabled
 
+from . import _eager_graphs
 from ._torch_attention import lse_dtype
 
 NAMESPACE = "fsa"
@@ -25,8 +26,9 @@ def define_op(name: str, schema: str, *, torch_impl: Callable, fake: Callable, t
 
     - CPU: ``torch_impl`` (vectorised PyTorch).
     - Every other device: ``triton_impl`` (Triton kernels), or ``torch_impl`` for float64 inputs and when there is
-      no ``triton_impl``. CPU tensors take this path too under ``TRITON_INTERPRET=1`` once the CPU kernel is
-      switched off (``op.set_kernel_enabled("cpu", False)``).
+      no ``triton_impl``; on CUDA replayed from a CUDA graph of the call where ``_eager_graphs`` allows. CPU
+      tensors take this path too under ``TRITON_INTERPRET=1`` once the CPU kernel is switched off
+      (``op.set_kernel_enabled("cpu", False)``).
     - Fake tensors: ``fake`` (metadata only).
 
     ``check`` runs once per call on each of these paths, before the implementation. Ops with a Triton implementation
@@ -36,25 +38,28 @@ def define_op(name: str, schema: str, *, torch_impl: Callable, fake: Callable, t
     arguments = [(a.name, a.default_value if a.has_default_value() else None)
                  for a in torch._C.parse_schema(f"{op_name(name)}{schema}").arguments]
 
-    def checked(implementation):
+    def checked(implementation, graphed=False):
         def run(*args, **kwargs):
             # The dispatcher passes what the caller passed: complete the defaults, so that every function can take
             # the schema's arguments positionally.
             if len(args) < len(arguments):
-                args = (*args, *(kwargs.get(name, default) for name, default in arguments[len(args):]))
+                args = (*args, *(kwargs.get(arg, default) for arg, default in arguments[len(args):]))
             if check is not None:
                 check(*args)
+            if graphed:
+                return _eager_graphs.run(name, implementation, args)
             return implementation(*args)
 
         return run
 
     torch_path, triton_path = checked(torch_impl), checked(triton_impl) if triton_impl else None
+    graphed_triton_path = checked(triton_impl, graphed=True) if triton_impl else None
 
     def device_path(*args, **kwargs):
         if triton_path is None or args[0].dtype == torch.float64:
             return torch_path(*args, **kwargs)
         with set_wrap_triton_enabled(False):  # real tensors: launch directly, skip the HOP (as triton_op does)
-            return triton_path(*args, **kwargs)
+            return graphed_triton_path(*args, **kwargs)
 
     op = torch.library.custom_op(op_name(name), device_path, mutates_args=(), schema=schema)
     op.register_kernel("cpu")(torch_path)

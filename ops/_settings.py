@@ -73,7 +73,17 @@ _LAUNCH_SETTINGS: dict[tuple, object] = {
     # 1.07/0.49 vs 0.75/0.45, bwd 1.09/0.74 vs 0.89/0.70; 64K G = 4 fwd 5.39/5.21 vs 5.18/5.05, bwd 8.94/8.81 vs
     # 8.77/8.73 (2026-12-03). False: the torch ops (the A/B, and int64 keys, which always take them).
     ("fused_index_inversion", None, None, None): True,
+    # Eager calls on CUDA replay a CUDA graph of the call from its second sighting (``_eager_graphs``), keeping at
+    # most max_bytes of GPU memory in graphs (static inputs and pools); None: never. fsa_compile.set_eager_cuda_graphs
+    # sets it.
+    ("eager_cuda_graphs", None, None, None): dict(max_bytes=2 << 30),
 }
+# Bumped by every change of the table: what was cached under other settings (eager CUDA graphs) is not reused.
+_version = 0
+
+
+def version() -> int:
+    return _version
 
 
 def get(name: str, dtype: torch.dtype | None = None, group: int | None = None, head_dim: int | None = None):
@@ -90,11 +100,13 @@ def override(name: str, value, dtype: torch.dtype | None = None, group: int | No
              head_dim: int | None = None):
     """Use ``value`` for ``name`` (for one dtype/G/D, or all) inside the block; a chain of settings for a kernel,
     a number for a constant. For tune scripts and tests."""
+    global _version
     key = (name, dtype, group, head_dim)
     get(name)  # a typo must not pass silently
     missing = object()
     previous = _LAUNCH_SETTINGS.get(key, missing)
     _LAUNCH_SETTINGS[key] = value
+    _version += 1
     try:
         yield
     finally:
@@ -102,6 +114,15 @@ def override(name: str, value, dtype: torch.dtype | None = None, group: int | No
             del _LAUNCH_SETTINGS[key]
         else:
             _LAUNCH_SETTINGS[key] = previous
+        _version += 1
+
+
+def replace(name: str, value) -> None:
+    """Make ``value`` the general entry of ``name`` (for all dtypes, G and D) from now on."""
+    global _version
+    get(name)
+    _LAUNCH_SETTINGS[(name, None, None, None)] = value
+    _version += 1
 
 
 def input_precision(dtype: torch.dtype) -> str:

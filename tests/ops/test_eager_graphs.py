@@ -1,0 +1,148 @@
+"""Eager calls on CUDA replay CUDA graphs of themselves (ops/_eager_graphs.py): the same results as direct calls."""
+
+import pytest
+import torch
+
+import fsa_compile
+from fsa_compile.ops import _eager_graphs, _settings
+
+from .._testing import DEVICE, assert_close, deterministic_algorithms, make_cu_seqlens, make_layer, make_qkv
+from .test_selected_attention import realistic_indices
+
+cuda_only = pytest.mark.skipif(DEVICE != "cuda", reason="CUDA graphs need a CUDA device")
+
+
+@pytest.fixture(autouse=True)
+def _restore_budget():
+    default = _settings.get("eager_cuda_graphs")
+    yield
+    _settings.replace("eager_cuda_graphs", default)
+    _eager_graphs.clear()
+
+
+def _three_runs(step, inputs, max_bytes):
+    """``step(*inputs[i])`` for each i with the given graph budget (None: direct calls), from an empty cache."""
+    fsa_compile.set_eager_cuda_graphs(max_bytes)
+    return [step(*x) for x in inputs]
+
+
+def _assert_runs_equal(want, got, exact: bool, ratio: float = 0.0):
+    for run_want, run_got in zip(want, got, strict=True):
+        for index, (a, b) in enumerate(zip(run_want, run_got, strict=True)):
+            if exact:
+                assert torch.equal(a, b), f"output {index} differs"
+            else:
+                assert_close(f"output {index}", a, b, ratio)
+
+
+@pytest.mark.parametrize("max_bytes", ["bad", -1, 1.5, True])
+def test_budget_is_checked(max_bytes):
+    with pytest.raises(ValueError, match="max_bytes must be a non-negative int or None"):
+        fsa_compile.set_eager_cuda_graphs(max_bytes)
+
+
+def test_cpu_calls_run_directly():
+    calls = []
+
+    def implementation(x, n):
+        calls.append(n)
+        return x + n
+
+    x = torch.zeros(3)
+    for _ in range(3):
+        assert torch.equal(_eager_graphs.run("test", implementation, (x, 1)), x + 1)
+    assert calls == [1, 1, 1] and _eager_graphs.cached_bytes() == 0
+
+
+@cuda_only
+@pytest.mark.gpu
+@pytest.mark.parametrize("group", [1, 4])
+def test_selected_attention_replays_equal_direct_calls_bitwise(group):
+    """Forward and deterministic backward: call 1 runs directly, call 2 captures, call 3 replays; each on new
+    values, each bitwise equal to a direct call."""
+    num_tokens, hkv = 4096, 2
+    lengths = (1000, 3096)
+    cu = make_cu_seqlens(lengths)
+    inputs = []
+    for _ in range(3):
+        q, k, v = make_qkv(1, num_tokens, num_tokens, hkv * group, hkv, 128, dtype=torch.bfloat16)
+        inputs.append((q, k, v, realistic_indices(1, num_tokens, hkv, 64, 16), torch.randn_like(q)))
+
+    def step(q, k, v, indices, do):
+        o, lse = torch.ops.fsa.selected_attention(q, k, v, indices, 64, None, cu, "fsa")
+        return (o, lse, *torch.autograd.grad((o, lse), (q, k, v), (do, torch.ones_like(lse))))
+
+    with deterministic_algorithms():
+        want = _three_runs(step, inputs, None)
+        got = _three_runs(step, inputs, 1 << 30)
+    assert _eager_graphs.cached_bytes() > 0
+    _assert_runs_equal(want, got, exact=True)
+
+
+@cuda_only
+@pytest.mark.gpu
+@pytest.mark.parametrize("packed", [False, True], ids=["batched", "packed"])
+def test_layer_replays_equal_direct_calls(packed):
+    """The layer's ops (compressed on cuDNN or Triton, select_blocks, selected, window): forward bitwise, gradients
+    (atomics, cuDNN's dq order) to rounding."""
+    layer = make_layer(512, 4, 2, 128, dtype=torch.bfloat16)
+    cu = make_cu_seqlens((700, 1348)) if packed else None
+    inputs = [(torch.randn(1, 2048, 512, device=DEVICE, dtype=torch.bfloat16, requires_grad=True),)
+              for _ in range(3)]
+
+    def step(x):
+        out = layer(x, cu_seqlens=cu)
+        return (out, *torch.autograd.grad(out, (x, *layer.parameters()), torch.ones_like(out)))
+
+    want = _three_runs(step, inputs, None)
+    got = _three_runs(step, inputs, 1 << 30)
+    assert _eager_graphs.cached_bytes() > 0
+    _assert_runs_equal([run[:1] for run in want], [run[:1] for run in got], exact=True)
+    _assert_runs_equal([run[1:] for run in want], [run[1:] for run in got], exact=False, ratio=1e-2)
+
+
+@cuda_only
+@pytest.mark.gpu
+def test_replays_on_another_stream_and_budgets():
+    """A replay on a side stream after one on the default stream; a zero budget caches nothing."""
+    q, k, v = make_qkv(1, 2048, 2048, 4, 4, 128, dtype=torch.bfloat16)
+    indices = realistic_indices(1, 2048, 4, 64, 16)
+
+    def forward(q):
+        return torch.ops.fsa.selected_attention(q, k, v, indices, 64)
+
+    queries = [torch.randn_like(q) for _ in range(4)]
+    want = _three_runs(forward, [(x,) for x in queries], None)
+    fsa_compile.set_eager_cuda_graphs(1 << 30)
+    got = [forward(queries[0]), forward(queries[1])]
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        got += [forward(queries[2]), forward(queries[3])]
+    torch.cuda.current_stream().wait_stream(side)
+    assert _eager_graphs.cached_bytes() > 0
+    _assert_runs_equal(want, got, exact=True)
+    got = _three_runs(forward, [(x,) for x in queries], 0)
+    assert _eager_graphs.cached_bytes() == 0
+    _assert_runs_equal(want, got, exact=True)
+
+
+@cuda_only
+@pytest.mark.gpu
+def test_calls_inside_a_capture_run_directly():
+    """Inside the caller's own CUDA graph the op is recorded into that graph, not replayed from its own."""
+    q, k, v = make_qkv(1, 1024, 1024, 4, 4, 128, dtype=torch.bfloat16)
+    indices = realistic_indices(1, 1024, 4, 64, 16)
+    fsa_compile.set_eager_cuda_graphs(1 << 30)
+    forward = lambda: torch.ops.fsa.selected_attention(q, k, v, indices, 64)  # noqa: E731
+    want = [forward() for _ in range(2)][0]  # the second call cached a graph
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        forward()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        o, lse = forward()
+    graph.replay()
+    assert torch.equal(o, want[0]) and torch.equal(lse, want[1])
