@@ -82,13 +82,13 @@ _GRAPHS: dict[tuple, _Graph] = {}
 _SIGHTINGS: dict[tuple, int] = {}  # key -> calls seen without a graph
 _NEVER: set[tuple] = set()  # keys whose graph did not fit the budget
 _MAX_SIGHTINGS = 4096  # bound on remembered keys (shapes that come once must not grow it without end)
+_settings_version = _settings.version()  # of the cached graphs: a change of settings drops them
 
 
 def _key(name: str, args: tuple) -> tuple | None:
     """What the call's kernels depend on besides the tensors' values; None unless its tensors are on CUDA."""
     # Inference mode: the static copies made under it could not be written outside it.
-    parts = [name, _settings.version(), torch.are_deterministic_algorithms_enabled(),
-             torch.is_inference_mode_enabled()]
+    parts = [name, torch.are_deterministic_algorithms_enabled(), torch.is_inference_mode_enabled()]
     device = None
     for arg in args:
         if isinstance(arg, torch.Tensor):
@@ -106,7 +106,11 @@ def _key(name: str, args: tuple) -> tuple | None:
 
 def run(name: str, implementation: Callable, args: tuple):
     """``implementation(*args)``, replayed from a CUDA graph when the ``eager_cuda_graphs`` setting allows."""
+    global _settings_version
     budget = _settings.get("eager_cuda_graphs")
+    if _settings_version != _settings.version():  # graphs of other settings would never be replayed again
+        clear()
+        _settings_version = _settings.version()
     key = None if budget is None else _key(name, args)
     if key is None or key in _NEVER or torch.cuda.is_current_stream_capturing():
         return implementation(*args)

@@ -146,3 +146,19 @@ def test_calls_inside_a_capture_run_directly():
         o, lse = forward()
     graph.replay()
     assert torch.equal(o, want[0]) and torch.equal(lse, want[1])
+
+
+@cuda_only
+@pytest.mark.gpu
+def test_a_change_of_settings_drops_the_graphs():
+    """Graphs captured under other launch settings are dropped at the next call (they would never replay)."""
+    q, k, v = make_qkv(1, 2048, 2048, 4, 4, 128, dtype=torch.bfloat16)
+    indices = realistic_indices(1, 2048, 4, 64, 16)
+    fsa_compile.set_eager_cuda_graphs(1 << 30)
+    with _settings.override("fused_index_inversion", False):
+        want = [torch.ops.fsa.selected_attention(q, k, v, indices, 64) for _ in range(3)]
+        assert _eager_graphs.cached_bytes() > 0
+        assert all(torch.equal(a, b) for a, b in zip(want[0], want[2]))
+    got = torch.ops.fsa.selected_attention(q, k, v, indices, 64)
+    assert _eager_graphs.cached_bytes() == 0
+    assert all(torch.equal(a, b) for a, b in zip(want[0], got))
