@@ -4,8 +4,8 @@ An eager fsa op on CUDA is ten or so Triton launches, torch ops (a sort, fills, 
 tokens their host time (~0.7 ms per selected_attention call on the H200's host) exceeds the GPU time (~0.45 ms), so
 the GPU waits on Python. Every Triton path is sync-free and sized from shapes alone, so a call is a fixed
 sequence of kernels given its arguments' metadata. From the second call with the same metadata (shapes, strides,
-dtypes, device, the non-tensor arguments, the launch settings, deterministic mode) the implementation is captured
-once in a CUDA graph over static copies of its tensor arguments; later calls copy their tensors in, replay the
+dtypes, device, the non-tensor arguments, deterministic mode; a change of launch settings drops every graph) the
+implementation is captured once in a CUDA graph over static copies of its tensor arguments; later calls copy their tensors in, replay the
 graph and return copies of its outputs: the same kernels on the same values, so the same results bit for bit.
 The graph is kept only where the call is host-bound: the host time of a direct call (timed once, at capture)
 exceeds the graph's GPU time; elsewhere the copies would cost more than the host time they hide (16K tokens,
@@ -80,7 +80,7 @@ class _Graph:
 
 _GRAPHS: dict[tuple, _Graph] = {}
 _SIGHTINGS: dict[tuple, int] = {}  # key -> calls seen without a graph
-_NEVER: set[tuple] = set()  # keys whose graph did not fit the budget
+_NEVER: set[tuple] = set()  # keys that run directly: not host-bound, over the budget, or not capturable
 _MAX_SIGHTINGS = 4096  # bound on remembered keys (shapes that come once must not grow it without end)
 _settings_version = _settings.version()  # of the cached graphs: a change of settings drops them
 
