@@ -27,7 +27,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from . import _settings
+from . import _eager_graphs, _settings
 from ._layout import num_compressed
 from ._library import attention_grads_like, attention_outputs_like, op_name
 
@@ -127,8 +127,9 @@ def backward(do, q, k_cmp, v_cmp, o, lse, kernel_size: int, kernel_stride: int, 
            "-> (Tensor, Tensor)",
 )
 def forward_op(q, k_cmp, v_cmp, kernel_size, kernel_stride, scale):
-    """``forward`` on cuDNN."""
-    return forward(q, k_cmp, v_cmp, kernel_size, kernel_stride, scale)
+    """``forward`` on cuDNN (replayed from a CUDA graph where host-bound, as the fsa ops: also when compiled code
+    calls it)."""
+    return _eager_graphs.run("_compressed_dense_forward", forward, (q, k_cmp, v_cmp, kernel_size, kernel_stride, scale))
 
 
 @torch.library.custom_op(
@@ -137,8 +138,9 @@ def forward_op(q, k_cmp, v_cmp, kernel_size, kernel_stride, scale):
            "int kernel_stride, float scale) -> (Tensor, Tensor, Tensor)",
 )
 def backward_op(do, q, k_cmp, v_cmp, o, lse, kernel_size, kernel_stride, scale):
-    """``backward`` on cuDNN."""
-    return backward(do, q, k_cmp, v_cmp, o, lse, kernel_size, kernel_stride, scale)
+    """``backward`` on cuDNN (replayed from a CUDA graph where host-bound)."""
+    return _eager_graphs.run("_compressed_dense_backward", backward,
+                             (do, q, k_cmp, v_cmp, o, lse, kernel_size, kernel_stride, scale))
 
 
 forward_op.register_fake(lambda q, k_cmp, v_cmp, *_: attention_outputs_like(q, v_cmp.shape[-1]))
