@@ -22,6 +22,9 @@ def impl(request):
 @pytest.mark.parametrize("block_size,topk", BLOCKS, ids=lambda x: str(x))
 @pytest.mark.parametrize("case,dtype", case_params())
 def test_matches_reference(case, dtype, block_size, topk, impl):
+    if DEVICE == "cpu" and impl == "nsa" and dtype == torch.float16:
+        # ~10 s each under the interpreter (a quarter of CI's time in this file); the GPU runs them.
+        pytest.skip("the NSA kernel's float16 cases run on the GPU only; float32 covers the kernel here")
     q, k, v, cu = case.inputs(dtype)
     indices = make_indices(case.batch, case.num_queries, case.num_keys, case.hkv, block_size, topk, cu)
     out = torch.ops.fsa.selected_attention(q, k, v, indices, block_size, None, cu, impl)
