@@ -158,7 +158,9 @@ def set_eager_cuda_graphs(max_bytes: int | None) -> None:
     no per-call host time beyond copying the tensor arguments in and the outputs out, with the same results bit for
     bit. Calls under torch.compile's own graphs or a CUDA-graph capture, and CPU tensors, are never graphed.
     """
-    if max_bytes is not None and (not isinstance(max_bytes, int) or isinstance(max_bytes, bool) or max_bytes < 0):
-        raise ValueError(f"max_bytes must be a non-negative int or None, got {max_bytes!r}")
+    if max_bytes is not None and (not isinstance(max_bytes, int) or isinstance(max_bytes, bool)):
+        raise TypeError(f"max_bytes must be an int or None, got {type(max_bytes).__name__} {max_bytes!r}")
+    if max_bytes is not None and max_bytes < 0:
+        raise ValueError(f"max_bytes must be >= 0, got {max_bytes}")
     _settings.replace("eager_cuda_graphs", None if max_bytes is None else dict(max_bytes=max_bytes))
     clear()

@@ -6,8 +6,8 @@ import torch
 import fsa_compile
 from fsa_compile.ops import _eager_graphs, _settings
 
-from .._testing import DEVICE, assert_close, deterministic_algorithms, make_cu_seqlens, make_layer, make_qkv
-from .test_selected_attention import realistic_indices
+from tests._testing import DEVICE, assert_close, deterministic_algorithms, make_cu_seqlens, make_layer, make_qkv
+from tests.ops.test_selected_attention import realistic_indices
 
 cuda_only = pytest.mark.skipif(DEVICE != "cuda", reason="CUDA graphs need a CUDA device")
 
@@ -35,9 +35,14 @@ def _assert_runs_equal(want, got, exact: bool, ratio: float = 0.0):
                 assert_close(f"output {index}", a, b, ratio)
 
 
-@pytest.mark.parametrize("max_bytes", ["bad", -1, 1.5, True])
-def test_budget_is_checked(max_bytes):
-    with pytest.raises(ValueError, match="max_bytes must be a non-negative int or None"):
+@pytest.mark.parametrize("max_bytes,error,message", [
+    ("1GB", TypeError, "max_bytes must be an int or None, got str '1GB'"),
+    (1.5, TypeError, "max_bytes must be an int or None, got float 1.5"),
+    (True, TypeError, "max_bytes must be an int or None, got bool True"),
+    (-1, ValueError, "max_bytes must be >= 0, got -1"),
+])
+def test_budget_is_checked(max_bytes, error, message):
+    with pytest.raises(error, match=message):
         fsa_compile.set_eager_cuda_graphs(max_bytes)
 
 
