@@ -14,10 +14,13 @@ G = 4: 1.30 -> 1.33 ms per forward, H200).
 Memory: a graph keeps its static inputs and its private memory pool (the call's intermediates, e.g. FSA's partial
 outputs) for as long as it is cached. Graphs are cached while their total stays within the ``eager_cuda_graphs``
 setting's ``max_bytes`` (``fsa_compile.set_eager_cuda_graphs``); once it is full, calls with new metadata run
-directly (nothing is evicted: calls that alternate between two graphs must not capture again and again). Not
-graphed: calls while a stream is capturing (the caller's own CUDA graph, torch.compile's cudagraphs), CPU tensors,
-and every call when the setting is None. The cache is per process and not thread-safe: one thread calls the ops,
-as in eager training and serving loops.
+directly (nothing is evicted: calls that alternate between two graphs must not capture again and again).
+
+Graphed are calls on the device's default stream only. Elsewhere they run directly: while a stream is capturing
+(the caller's own CUDA graph), on a side stream (torch.compile's cudagraph trees warm up on one while routing the
+thread's allocations to their own memory pool, where static inputs must not land; the caller's own streams), on CPU
+tensors, and every call when the setting is None. The cache is per process and not thread-safe: one thread calls the
+ops, as in eager training and serving loops.
 """
 
 from __future__ import annotations
@@ -62,13 +65,9 @@ class _Graph:
         end.record(current)
         end.synchronize()
         self.gpu_seconds = start.elapsed_time(end) / 1e3
-        self.last_stream = current
 
     def replay(self, args: tuple):
-        stream = torch.cuda.current_stream(self.device)
-        if stream != self.last_stream:  # the last replay's reads of the static tensors may still be queued there
-            stream.wait_stream(self.last_stream)
-            self.last_stream = stream
+        # On the default stream, as every call that reaches a graph: stream order protects the static tensors.
         for static, arg in zip(self.static_args, args):
             if isinstance(arg, torch.Tensor):
                 static.copy_(arg)
@@ -112,7 +111,8 @@ def run(name: str, implementation: Callable, args: tuple):
         clear()
         _settings_version = _settings.version()
     key = None if budget is None else _key(name, args)
-    if key is None or key in _NEVER or torch.cuda.is_current_stream_capturing():
+    if (key is None or key in _NEVER or torch.cuda.current_stream(key[-1]) != torch.cuda.default_stream(key[-1])
+            or torch.cuda.is_current_stream_capturing()):
         return implementation(*args)
     graph = _GRAPHS.get(key)
     if graph is None:
@@ -156,7 +156,8 @@ def set_eager_cuda_graphs(max_bytes: int | None) -> None:
     From its second call with the same shapes, strides, dtypes and non-tensor arguments, an op's CUDA path is
     captured once and, where the call is host-bound (its host time exceeds the graph's GPU time), runs as a replay:
     no per-call host time beyond copying the tensor arguments in and the outputs out, with the same results bit for
-    bit. Calls under torch.compile's own graphs or a CUDA-graph capture, and CPU tensors, are never graphed.
+    bit. Only calls on the device's default stream are graphed (not inside a CUDA-graph capture or torch.compile's
+    cudagraph trees, not on CPU tensors).
     """
     if max_bytes is not None and (not isinstance(max_bytes, int) or isinstance(max_bytes, bool)):
         raise TypeError(f"max_bytes must be an int or None, got {type(max_bytes).__name__} {max_bytes!r}")

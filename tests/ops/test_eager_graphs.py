@@ -108,8 +108,10 @@ def test_layer_replays_equal_direct_calls(packed):
 
 @cuda_only
 @pytest.mark.gpu
-def test_replays_on_another_stream_and_budgets():
-    """A replay on a side stream after one on the default stream; a zero budget caches nothing."""
+def test_side_streams_run_directly_and_budgets(monkeypatch):
+    """Calls on a side stream run directly, also when the default stream has a graph of them (torch.compile's
+    cudagraph trees warm up on a side stream with the thread's allocations routed to their pool); a zero budget
+    caches nothing."""
     q, k, v = make_qkv(1, 2048, 2048, 4, 4, 128, dtype=torch.bfloat16)
     indices = realistic_indices(1, 2048, 4, 64, 16)
 
@@ -122,10 +124,16 @@ def test_replays_on_another_stream_and_budgets():
     got = [forward(queries[0]), forward(queries[1])]
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
+    assert _eager_graphs.cached_bytes() > 0
+    replays = []
+    replay = _eager_graphs._Graph.replay
+    monkeypatch.setattr(_eager_graphs._Graph, "replay", lambda self, args: replays.append(1) or replay(self, args))
     with torch.cuda.stream(side):
         got += [forward(queries[2]), forward(queries[3])]
     torch.cuda.current_stream().wait_stream(side)
-    assert _eager_graphs.cached_bytes() > 0
+    assert not replays  # the graph of the default stream is not used on the side stream
+    forward(queries[0])
+    assert replays == [1]
     _assert_runs_equal(want, got, exact=True)
     got = _three_runs(forward, [(x,) for x in queries], 0)
     assert _eager_graphs.cached_bytes() == 0
