@@ -9,7 +9,8 @@ from __future__ import annotations
 import torch
 
 from fsa_compile.lowerings import compression_windows as windows_workaround
-from fsa_compile.ops import SequenceLayout, num_compressed
+from fsa_compile.ops import SequenceLayout, _settings, num_compressed
+from fsa_compile.ops.rotary_embedding import rotary_embedding_torch
 
 
 def compression_windows(x, tokens, pos_emb):
@@ -96,12 +97,10 @@ def compress_windows(windows, weight, pos_emb):
 def rotary_embedding(x: torch.Tensor, positions: torch.Tensor, theta: float = 10000.0) -> torch.Tensor:
     """Rotate-half RoPE. x [B, T, H, D] (D even), positions [T] or [B, T] -> [B, T, H, D].
 
-    ``x * cos + rotate_half(x) * sin`` in float32 (float64 for float64 x), rounded once to x's dtype: few passes
-    over x in eager mode (the products read x in its own dtype)."""
-    half = x.shape[-1] // 2
-    compute = torch.promote_types(x.dtype, torch.float32)
-    inv_freq = theta ** (-torch.arange(half, device=x.device, dtype=compute) / half)
-    angles = positions.to(compute).unsqueeze(-1) * inv_freq
-    angles = torch.cat([angles, angles], dim=-1).unsqueeze(-2)  # [..., T, 1, D]
-    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
-    return torch.addcmul(x * torch.cos(angles), rotated, torch.sin(angles)).to(x.dtype)
+    ``x * cos + rotate_half(x) * sin`` in float32 (float64 for float64 x), rounded once to x's dtype. Plain PyTorch
+    (``ops.rotary_embedding.rotary_embedding_torch``), which Inductor fuses under torch.compile; in eager mode on
+    CUDA with the setting ``fused_rope``, ``torch.ops.fsa.rotary_embedding`` (one Triton pass each way)."""
+    if (_settings.get("fused_rope") and x.is_cuda and x.dtype != torch.float64
+            and not torch.compiler.is_compiling()):
+        return torch.ops.fsa.rotary_embedding(x, positions, theta)
+    return rotary_embedding_torch(x, positions, theta)

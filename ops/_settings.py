@@ -77,6 +77,9 @@ _LAUNCH_SETTINGS: dict[tuple, object] = {
     # most max_bytes of GPU memory in graphs (static inputs and pools); None: never. fsa_compile.set_eager_cuda_graphs
     # sets it.
     ("eager_cuda_graphs", None, None, None): dict(max_bytes=2 << 30),
+    # The layer's RoPE in eager mode on CUDA through fsa::rotary_embedding (one Triton pass each way) instead of
+    # ~10 PyTorch kernels per direction and tensor. Off: tested in the Triton interpreter only, not yet on a GPU.
+    ("fused_rope", None, None, None): False,
 }
 # Bumped by every change of the table: what was cached under other settings (eager CUDA graphs) is not reused.
 _version = 0
