@@ -21,7 +21,7 @@ def op_name(name: str) -> str:
 
 
 def define_op(name: str, schema: str, *, torch_impl: Callable, fake: Callable, triton_impl: Callable | None = None,
-              check: Callable | None = None) -> torch.library.CustomOpDef:
+              check: Callable | None = None, eager_graphs: bool = True) -> torch.library.CustomOpDef:
     """Register ``fsa::name`` with ``schema``; every function takes the schema's arguments.
 
     - CPU: ``torch_impl`` (vectorised PyTorch).
@@ -31,8 +31,10 @@ def define_op(name: str, schema: str, *, torch_impl: Callable, fake: Callable, t
       (``op.set_kernel_enabled("cpu", False)``).
     - Fake tensors: ``fake`` (metadata only).
 
-    ``check`` runs once per call on each of these paths, before the implementation. Ops with a Triton implementation
-    are listed for ``fsa_compile.lowerings``. Attention ops with a backward op: ``define_attention_op``.
+    ``eager_graphs=False``: never replay the Triton path from a CUDA graph (an op of one launch gains nothing from it
+    but the copies). ``check`` runs once per call on each of these paths, before the implementation. Ops with a
+    Triton implementation are listed for ``fsa_compile.lowerings``. Attention ops with a backward op:
+    ``define_attention_op``.
     """
 
     arguments = [(a.name, a.default_value if a.has_default_value() else None)
@@ -53,7 +55,7 @@ def define_op(name: str, schema: str, *, torch_impl: Callable, fake: Callable, t
         return run
 
     torch_path, triton_path = checked(torch_impl), checked(triton_impl) if triton_impl else None
-    graphed_triton_path = checked(triton_impl, graphed=True) if triton_impl else None
+    graphed_triton_path = checked(triton_impl, graphed=eager_graphs) if triton_impl else None
 
     def device_path(*args, **kwargs):
         if triton_path is None or args[0].dtype == torch.float64:

@@ -82,6 +82,7 @@ def _rotary_embedding_triton(x, positions, theta, inverse):
 rotary_embedding = define_op(
     "rotary_embedding", SCHEMA, check=_check_inputs, torch_impl=rotary_embedding_torch,
     triton_impl=_rotary_embedding_triton, fake=lambda x, *_: torch.empty(x.shape, dtype=x.dtype, device=x.device),
+    eager_graphs=False,  # one launch: a replay would add two copies and save no host time
 )
 
 
