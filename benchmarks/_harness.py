@@ -60,6 +60,16 @@ def cuda_time_ms(fn, budget_s: float = 0.4, max_reps: int = 50) -> float:
     return statistics.median(times)
 
 
+def back_to_back_ms(fn, calls: int = 10) -> float:
+    """ms per call over ``calls`` calls back to back, as in a training loop (host and GPU overlap)."""
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    torch.cuda.synchronize()
+    return (time.perf_counter() - start) * 1e3 / calls
+
+
 def print_kernel_table(step, title: str, rows: int, name_width: int = 90) -> None:
     """Run ``step`` three times to warm up, then print torch.profiler's CUDA kernel table of one more run."""
     from torch.profiler import ProfilerActivity, profile

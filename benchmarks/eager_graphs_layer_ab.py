@@ -11,24 +11,14 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import fsa_compile  # noqa: E402
-from _harness import cuda_time_ms  # noqa: E402
+from _harness import back_to_back_ms, cuda_time_ms  # noqa: E402
 from bench_layer import forward_backward  # noqa: E402
-
-
-def back_to_back_ms(fn, steps: int = 10) -> float:
-    torch.cuda.synchronize()
-    start = time.perf_counter()
-    for _ in range(steps):
-        fn()
-    torch.cuda.synchronize()
-    return (time.perf_counter() - start) / steps * 1e3
 
 
 def main() -> None:

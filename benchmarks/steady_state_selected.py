@@ -22,19 +22,10 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import fsa_compile  # noqa: E402,F401
+import fsa_compile  # noqa: E402
 from fsa_compile.ops import _settings as settings  # noqa: E402
-from _harness import SelectedConfig  # noqa: E402
+from _harness import SelectedConfig, back_to_back_ms  # noqa: E402
 from bench_selected import selected_problem  # noqa: E402
-
-
-def per_call_ms(run, calls: int = 10) -> float:
-    torch.cuda.synchronize()
-    start = time.perf_counter()
-    for _ in range(calls):
-        run()
-    torch.cuda.synchronize()
-    return (time.perf_counter() - start) * 1e3 / calls
 
 
 def host_us(run, calls: int = 20) -> float:
@@ -80,11 +71,11 @@ def main() -> None:
                 for eager_graphs in modes[args.eager_cuda_graphs]:
                     fsa_compile.set_eager_cuda_graphs(2 << 30 if eager_graphs else None)
                     with settings.override("fused_index_inversion", fused_inversion):
-                        per_call_ms(step, 3)
-                        eager = per_call_ms(step)
+                        back_to_back_ms(step, 3)
+                        eager = back_to_back_ms(step)
                         host = host_us(step)
                         graph = graph_of(step)
-                        replay = per_call_ms(graph.replay)
+                        replay = back_to_back_ms(graph.replay)
                     tags = [tag for tag, on in (("fused index inversion", fused_inversion),
                                                 ("eager CUDA graphs", eager_graphs)) if on]
                     print(f"G={group} {name}{' (' + ', '.join(tags) + ')' if tags else ''}: eager back to back "
