@@ -5,8 +5,9 @@ tokens their host time (~0.7 ms per selected_attention call on the H200's host) 
 the GPU waits on Python. Every Triton path is sync-free and sized from shapes alone, so a call is a fixed
 sequence of kernels given its arguments' metadata. From the second call with the same metadata (shapes, strides,
 dtypes, device, the non-tensor arguments, deterministic mode; a change of launch settings drops every graph) the
-implementation is captured once in a CUDA graph over static copies of its tensor arguments; later calls copy their tensors in, replay the
-graph and return copies of its outputs: the same kernels on the same values, so the same results bit for bit.
+implementation is captured once in a CUDA graph over static copies of its tensor arguments; later calls copy their
+tensors in, replay the graph and return copies of its outputs: the same kernels on the same values, so the same
+results bit for bit.
 The graph is kept only where the call is host-bound: the host time of a direct call (timed once, at capture)
 exceeds the graph's GPU time; elsewhere the copies would cost more than the host time they hide (16K tokens,
 G = 4: 1.30 -> 1.33 ms per forward, H200).
@@ -38,7 +39,6 @@ class _Graph:
     """One captured call: its graph, static arguments and outputs."""
 
     def __init__(self, implementation: Callable, args: tuple, device: torch.device):
-        self.device = device
         # The call's arguments with every tensor replaced by a static copy that the graph reads.
         self.static_args = [torch.empty_like(a).copy_(a) if isinstance(a, torch.Tensor) else a for a in args]
         input_bytes = sum(a.untyped_storage().nbytes() for a in self.static_args if isinstance(a, torch.Tensor))
