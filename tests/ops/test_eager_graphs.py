@@ -175,3 +175,68 @@ def test_a_change_of_settings_drops_the_graphs():
     got = torch.ops.fsa.selected_attention(q, k, v, indices, 64)
     assert _eager_graphs.cached_bytes() == 0
     assert all(torch.equal(a, b) for a, b in zip(want[0], got))
+
+
+class _FakeGraph:
+    """Stands in for a captured graph on CPU: the policy of ``run`` without a GPU."""
+
+    host_seconds, gpu_seconds, num_bytes = 2e-3, 1e-3, 100
+    captured: list = []
+
+    def __init__(self, implementation, args, device):
+        self.implementation = implementation
+        _FakeGraph.captured.append(args)
+
+    def replay(self, args):
+        return ("replay", self.implementation(*args))
+
+
+@pytest.fixture
+def fake_graphs(monkeypatch):
+    """``_eager_graphs.run`` on CPU tensors with captures faked; yields the list of captured calls."""
+    monkeypatch.setattr(_eager_graphs, "_Graph", _FakeGraph)
+    monkeypatch.setattr(_eager_graphs, "_key", lambda name, args: (name, tuple(args[0].shape), "device"))
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: "default")
+    monkeypatch.setattr(torch.cuda, "default_stream", lambda device=None: "default")
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    monkeypatch.setattr(_FakeGraph, "captured", [])
+    _eager_graphs.clear()
+    fsa_compile.set_eager_cuda_graphs(1000)
+    yield _FakeGraph.captured
+
+
+def _double(x):
+    return 2 * x
+
+
+def test_second_call_captures_and_later_calls_replay(fake_graphs):
+    x = torch.ones(3)
+    results = [_eager_graphs.run("op", _double, (x,)) for _ in range(3)]
+    assert torch.equal(results[0], 2 * x)  # the first call runs directly
+    assert [r[0] for r in results[1:]] == ["replay", "replay"]
+    assert len(fake_graphs) == 1 and _eager_graphs.cached_bytes() == 100
+
+
+def test_gpu_bound_calls_and_calls_over_the_budget_run_directly(fake_graphs, monkeypatch):
+    monkeypatch.setattr(_FakeGraph, "gpu_seconds", 1.0)  # kernels outlast the host work: not graphed
+    calls = [_eager_graphs.run("op", _double, (torch.ones(3),)) for _ in range(4)]
+    assert all(isinstance(c, torch.Tensor) for c in calls) and len(fake_graphs) == 1  # captured once, then never
+    monkeypatch.setattr(_FakeGraph, "gpu_seconds", 1e-3)
+    monkeypatch.setattr(_FakeGraph, "num_bytes", 1001)  # over the budget of 1000
+    calls = [_eager_graphs.run("op", _double, (torch.ones(4),)) for _ in range(4)]
+    assert all(isinstance(c, torch.Tensor) for c in calls) and len(fake_graphs) == 2
+    assert _eager_graphs.cached_bytes() == 0
+
+
+def test_side_streams_and_settings_changes(fake_graphs, monkeypatch):
+    x = torch.ones(3)
+    for _ in range(2):
+        _eager_graphs.run("op", _double, (x,))
+    assert _eager_graphs.cached_bytes() == 100
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: "side")
+    assert isinstance(_eager_graphs.run("op", _double, (x,)), torch.Tensor)  # a side stream runs directly
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: "default")
+    assert _eager_graphs.run("op", _double, (x,))[0] == "replay"
+    with _settings.override("fused_index_inversion", False):
+        assert isinstance(_eager_graphs.run("op", _double, (x,)), torch.Tensor)  # graphs of other settings dropped
+    assert _eager_graphs.cached_bytes() == 0
