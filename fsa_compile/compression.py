@@ -100,7 +100,6 @@ def rotary_embedding(x: torch.Tensor, positions: torch.Tensor, theta: float = 10
     ``x * cos + rotate_half(x) * sin`` in float32 (float64 for float64 x), rounded once to x's dtype. Plain PyTorch
     (``ops.rotary_embedding.rotary_embedding_torch``), which Inductor fuses under torch.compile; in eager mode on
     CUDA with the setting ``fused_rope``, ``torch.ops.fsa.rotary_embedding`` (one Triton pass each way)."""
-    if (_settings.get("fused_rope") and x.is_cuda and x.dtype != torch.float64
-            and not torch.compiler.is_compiling()):
-        return torch.ops.fsa.rotary_embedding(x, positions, theta)
+    if _settings.get("fused_rope") and x.is_cuda and not torch.compiler.is_compiling():
+        return torch.ops.fsa.rotary_embedding(x, positions, theta)  # float64 takes the op's PyTorch path
     return rotary_embedding_torch(x, positions, theta)

@@ -35,6 +35,14 @@ def _assert_runs_equal(want, got, exact: bool, ratio: float = 0.0):
                 assert_close(f"output {index}", a, b, ratio)
 
 
+def _selected_forward(num_tokens):
+    """-> (q, forward): bf16 q [1, T, 4, 128] and ``forward(q)``, selected attention over fixed k, v and realistic
+    indices (G = 1, block 64, top-16)."""
+    q, k, v = make_qkv(1, num_tokens, num_tokens, 4, 4, 128, dtype=torch.bfloat16)
+    indices = realistic_indices(1, num_tokens, 4, 64, 16)
+    return q, lambda q: torch.ops.fsa.selected_attention(q, k, v, indices, 64)
+
+
 @pytest.mark.parametrize("max_bytes,error,message", [
     ("1GB", TypeError, "max_bytes must be an int or None, got str '1GB'"),
     (1.5, TypeError, "max_bytes must be an int or None, got float 1.5"),
@@ -112,12 +120,7 @@ def test_side_streams_run_directly_and_budgets(monkeypatch):
     """Calls on a side stream run directly, also when the default stream has a graph of them (torch.compile's
     cudagraph trees warm up on a side stream with the thread's allocations routed to their pool); a zero budget
     caches nothing."""
-    q, k, v = make_qkv(1, 2048, 2048, 4, 4, 128, dtype=torch.bfloat16)
-    indices = realistic_indices(1, 2048, 4, 64, 16)
-
-    def forward(q):
-        return torch.ops.fsa.selected_attention(q, k, v, indices, 64)
-
+    q, forward = _selected_forward(2048)
     queries = [torch.randn_like(q) for _ in range(4)]
     want = _three_runs(forward, [(x,) for x in queries], None)
     fsa_compile.set_eager_cuda_graphs(1 << 30)
@@ -144,19 +147,17 @@ def test_side_streams_run_directly_and_budgets(monkeypatch):
 @pytest.mark.gpu
 def test_calls_inside_a_capture_run_directly():
     """Inside the caller's own CUDA graph the op is recorded into that graph, not replayed from its own."""
-    q, k, v = make_qkv(1, 1024, 1024, 4, 4, 128, dtype=torch.bfloat16)
-    indices = realistic_indices(1, 1024, 4, 64, 16)
+    q, forward = _selected_forward(1024)
     fsa_compile.set_eager_cuda_graphs(1 << 30)
-    forward = lambda: torch.ops.fsa.selected_attention(q, k, v, indices, 64)  # noqa: E731
-    want = [forward() for _ in range(2)][0]  # the second call cached a graph
+    want = [forward(q) for _ in range(2)][0]  # the second call cached a graph
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
-        forward()
+        forward(q)
     torch.cuda.current_stream().wait_stream(side)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        o, lse = forward()
+        o, lse = forward(q)
     graph.replay()
     assert torch.equal(o, want[0]) and torch.equal(lse, want[1])
 
@@ -165,14 +166,13 @@ def test_calls_inside_a_capture_run_directly():
 @pytest.mark.gpu
 def test_a_change_of_settings_drops_the_graphs():
     """Graphs captured under other launch settings are dropped at the next call (they would never replay)."""
-    q, k, v = make_qkv(1, 2048, 2048, 4, 4, 128, dtype=torch.bfloat16)
-    indices = realistic_indices(1, 2048, 4, 64, 16)
+    q, forward = _selected_forward(2048)
     fsa_compile.set_eager_cuda_graphs(1 << 30)
     with _settings.override("fused_index_inversion", False):
-        want = [torch.ops.fsa.selected_attention(q, k, v, indices, 64) for _ in range(3)]
+        want = [forward(q) for _ in range(3)]
         assert _eager_graphs.cached_bytes() > 0
         assert all(torch.equal(a, b) for a, b in zip(want[0], want[2]))
-    got = torch.ops.fsa.selected_attention(q, k, v, indices, 64)
+    got = forward(q)
     assert _eager_graphs.cached_bytes() == 0
     assert all(torch.equal(a, b) for a, b in zip(want[0], got))
 
