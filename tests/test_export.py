@@ -66,7 +66,9 @@ def assert_package_matches_in_a_fresh_process(program, x, y, tmp_path, imports: 
         f"import {imports}\n"
         f"data = torch.load({str(tmp_path / 'io.pt')!r})\n"
         f"runner = torch._inductor.aoti_load_package({package!r})\n"
-        "torch.testing.assert_close(runner(data['x']), data['y'])\n"
+        # AOTInductor's C++ kernels reduce in another order than eager (vector width depends on the CPU):
+        # the compiled-vs-eager float32 tolerance of test_compile.py, not assert_close's bitwise-ish default.
+        "torch.testing.assert_close(runner(data['x']), data['y'], rtol=1e-4, atol=1e-4)\n"
         "print('matched')\n"
     )
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600)
