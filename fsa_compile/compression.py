@@ -10,7 +10,7 @@ import torch
 
 from fsa_compile.lowerings import compression_windows as windows_workaround
 from fsa_compile.ops import SequenceLayout, _settings, num_compressed
-from fsa_compile.ops.rotary_embedding import rotary_embedding_torch
+from fsa_compile.ops.rotary_embedding import apply_rotary, rotary_tables
 
 
 def compression_windows(x, tokens, pos_emb):
@@ -98,8 +98,18 @@ def rotary_embedding(x: torch.Tensor, positions: torch.Tensor, theta: float = 10
     """Rotate-half RoPE. x [B, T, H, D] (D even), positions [T] or [B, T] -> [B, T, H, D].
 
     ``x * cos + rotate_half(x) * sin`` in float32 (float64 for float64 x), rounded once to x's dtype. Plain PyTorch
-    (``ops.rotary_embedding.rotary_embedding_torch``), which Inductor fuses under torch.compile; in eager mode on
+    (``ops.rotary_embedding.rotary_tables`` / ``apply_rotary``), which Inductor fuses under torch.compile; in eager mode on
     CUDA with the setting ``fused_rope``, ``torch.ops.fsa.rotary_embedding`` (one Triton pass each way)."""
-    if _settings.get("fused_rope") and x.is_cuda and not torch.compiler.is_compiling():
-        return torch.ops.fsa.rotary_embedding(x, positions, theta)  # float64 takes the op's PyTorch path
-    return rotary_embedding_torch(x, positions, theta)
+    return rotary_embeddings([x], positions, theta)[0]
+
+
+def rotary_embeddings(xs, positions: torch.Tensor, theta: float = 10000.0) -> list[torch.Tensor]:
+    """``rotary_embedding`` of several tensors at the same positions (a layer's q and k) with one cos/sin table:
+    in eager mode the table is a dozen small kernels."""
+    if _settings.get("fused_rope") and xs[0].is_cuda and not torch.compiler.is_compiling():
+        return [torch.ops.fsa.rotary_embedding(x, positions, theta) for x in xs]  # float64: the op's PyTorch path
+    compute = torch.float32
+    for x in xs:
+        compute = torch.promote_types(compute, x.dtype)
+    tables = rotary_tables(positions, xs[0].shape[-1], theta, compute)
+    return [apply_rotary(x, tables) for x in xs]

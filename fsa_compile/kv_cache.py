@@ -18,7 +18,7 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from fsa_compile.compression import compress_windows, rotary_embedding
+from fsa_compile.compression import compress_windows, rotary_embedding, rotary_embeddings
 from fsa_compile.ops import max_compressed_rows
 
 
@@ -79,12 +79,13 @@ class NSACache:
         added = torch.full_like(fill, num_new) if lengths is None else lengths.long().clamp(0, num_new)
         positions = fill[:, None] + torch.arange(num_new, device=q.device)  # [B, n]
         rows = torch.arange(batch, device=q.device)[:, None]
-        self.k[rows, positions] = rotary_embedding(k, positions, layer.rope_theta)
+        q, k_rotated = rotary_embeddings((q, k), positions, layer.rope_theta)
+        self.k[rows, positions] = k_rotated
         self.v[rows, positions] = v
         self._compress_completed_windows(k, fill, fill + added, rows)
         self._remember_recent_keys(k, fill, added, rows)
         self.seqlens.copy_(fill + added)
-        return dict(q=rotary_embedding(q, positions, layer.rope_theta), k=self.k, v=self.v, k_cmp=self.k_cmp,
+        return dict(q=q, k=self.k, v=self.v, k_cmp=self.k_cmp,
                     v_cmp=self.v_cmp, seqlen_k=self.max_seqlen, seqlens_k=(fill + num_new).to(torch.int32))
 
     # Host bookkeeping outside torch.compile: traced, the growing int would be a guard and recompile every step.

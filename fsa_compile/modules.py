@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from fsa_compile.compression import compress, rotary_embedding
+from fsa_compile.compression import compress, rotary_embedding, rotary_embeddings
 from fsa_compile.functional import nsa_attention
 from fsa_compile.kv_cache import NSACache
 from fsa_compile.ops import SELECTED_IMPLS, SequenceLayout, max_compressed_rows
@@ -93,43 +93,46 @@ class FlashSparseAttention(nn.Module):
         """The inputs of the three branches: q, k, v (after RoPE), k_cmp, v_cmp and gates [B, T, Hq, 3].
 
         k_cmp and v_cmp have Tc rows, or ``T // kernel_stride + 2`` (zero after the first Tc) for a symbolic T."""
-        q, k, v, gates = self._heads(x)
+        q, kv, gates = self._heads(x)
         batch, num_tokens, _ = x.shape
         ks, stride = self.kernel_size, self.kernel_stride
         # A symbolic T (torch.export, dynamic=True) gets T // stride + 2 compressed rows, zero past Tc: Tc itself
         # would branch on T >= kernel_size, and export could not cover T from 1. A concrete T gets Tc.
         rows = max_compressed_rows(num_tokens, stride) if isinstance(num_tokens, torch.SymInt) else None
-        k_cmp = compress(k, self.compress_key, self.compress_key_pos, ks, stride, cu_seqlens, rows)
-        v_cmp = compress(v, self.compress_value, self.compress_value_pos, ks, stride, cu_seqlens, rows)
+        # Keys and values compressed in one pass, as 2 * Hkv heads: half the eager kernels, forward and backward.
+        kv_cmp = compress(kv, torch.cat([self.compress_key, self.compress_value]),
+                          torch.cat([self.compress_key_pos, self.compress_value_pos]), ks, stride, cu_seqlens, rows)
+        k_cmp, v_cmp = kv_cmp.split(self.num_kv_heads, dim=2)
+        k, v = kv.split(self.num_kv_heads, dim=2)
 
         layout = SequenceLayout(batch, num_tokens, num_tokens, x.device, cu_seqlens)
         _, cmp_positions, _ = layout.compressed_rows(ks, stride, rows)
-        q = rotary_embedding(q, layout.query_positions, self.rope_theta)
-        k = rotary_embedding(k, layout.query_positions, self.rope_theta)
+        q, k = rotary_embeddings((q, k), layout.query_positions, self.rope_theta)
         k_cmp = rotary_embedding(k_cmp, cmp_positions, self.rope_theta)
-        return dict(q=q, k=k, v=v, k_cmp=k_cmp, v_cmp=v_cmp, gates=gates)
+        # v contiguous once here rather than copied by each branch op.
+        return dict(q=q, k=k, v=v.contiguous(), k_cmp=k_cmp, v_cmp=v_cmp, gates=gates)
 
-    def _heads(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        """q [B, T, Hq, D], k, v [B, T, Hkv, D] before RoPE, gates [B, T, Hq, 3]."""
+    def _heads(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """q [B, T, Hq, D], kv [B, T, 2 * Hkv, D] (keys then values, before RoPE), gates [B, T, Hq, 3]."""
         if x.dim() != 3 or x.shape[-1] != self.hidden_size:
             raise ValueError(f"x must be [B, T, hidden_size={self.hidden_size}], got shape {tuple(x.shape)}")
         batch, num_tokens, _ = x.shape
         # One matmul for q, k and v (one pass over x forward, one dx product backward).
         projections = (self.q_proj, self.k_proj, self.v_proj)
-        q, k, v = F.linear(x, torch.cat([p.weight for p in projections])).split(
-            [p.weight.shape[0] for p in projections], dim=-1)
+        q, kv = F.linear(x, torch.cat([p.weight for p in projections])).split(
+            [self.q_proj.weight.shape[0], 2 * self.k_proj.weight.shape[0]], dim=-1)
         q = q.view(batch, num_tokens, self.num_heads, self.head_dim)
-        k = k.view(batch, num_tokens, self.num_kv_heads, self.head_dim)
-        v = v.contiguous().view(batch, num_tokens, self.num_kv_heads, self.head_dim)
+        kv = kv.view(batch, num_tokens, 2 * self.num_kv_heads, self.head_dim)
         gates = torch.sigmoid(self.gate_proj(x)).view(batch, num_tokens, self.num_heads, 3)
-        return q, k, v, gates
+        return q, kv, gates
 
     def forward(self, x: Tensor, cu_seqlens: Tensor | None = None, cache: NSACache | None = None,
                 lengths: Tensor | None = None) -> Tensor:
         if cache is not None:
             if cu_seqlens is not None:
                 raise ValueError("a cache takes batched x [B, n, hidden], not packed sequences (cu_seqlens)")
-            q, k, v, gates = self._heads(x)
+            q, kv, gates = self._heads(x)
+            k, v = kv.split(self.num_kv_heads, dim=2)
             branches = dict(cache.append(q, k, v, lengths), gates=gates)
         elif lengths is not None:
             raise ValueError("lengths is for appending right-padded rows to a cache; pass cache=")

@@ -200,11 +200,11 @@ class SequenceLayout:
     @_table
     def query_positions(self) -> torch.Tensor:
         """int64 [Tq] (``[B, Tq]`` with seqlens_k): position of each query within its sequence."""
+        if self.fill is None and not self.packed:
+            return torch.arange(self.query_offset, self.num_keys, device=self.device)
         rows = torch.arange(self.num_queries, device=self.device)
         if self.fill is not None:
             return self.fill[:, None] - self.num_queries + rows
-        if not self.packed:
-            return rows + self.query_offset
         sequence = self.query_sequence
         return rows - self.query_bounds[sequence] + self.first_positions[sequence]
 
@@ -251,10 +251,10 @@ class SequenceLayout:
         past Tc are zero)."""
         if num_rows is None:
             num_rows = num_compressed(self.num_keys, kernel_size, kernel_stride)
-        rows = torch.arange(num_rows, device=self.device)
         if not self.packed:
-            first = rows * kernel_stride
-            return first, first + kernel_size - 1, first + kernel_size <= self.num_keys
+            first = torch.arange(0, num_rows * kernel_stride, kernel_stride, device=self.device)
+            return first, first + (kernel_size - 1), first <= self.num_keys - kernel_size
+        rows = torch.arange(num_rows, device=self.device)
         counts, first_rows = self.compressed_sequences(kernel_size, kernel_stride)
         # Boundaries must not be a slice: Inductor's CUDA searchsorted lowering cannot take a SliceView.
         sequence = torch.searchsorted(first_rows + counts, rows, right=True)

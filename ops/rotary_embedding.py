@@ -47,15 +47,29 @@ def inverse_frequencies(half: int, theta: float, dtype: torch.dtype, device) -> 
 
 # ---- CPU path (and the layer's path under torch.compile) -----------------------------------------------------
 
+def rotary_tables(positions, dim: int, theta: float, dtype: torch.dtype, inverse: bool = False):
+    """(cos, signed_sin), each [..., T, 1, D] in ``dtype`` (the compute dtype): ``x * cos + swap_halves(x) *
+    signed_sin`` is the op for x [..., T, H, D], with ``signed_sin = (-sin, sin)`` so that swapping x's halves is
+    rotate_half. Tensors at the same positions (a layer's q and k) share one table."""
+    half = dim // 2
+    angles = positions.to(dtype).unsqueeze(-1) * inverse_frequencies(half, theta, dtype, positions.device)
+    cos, sin = torch.cos(angles), torch.sin(angles)
+    if inverse:
+        sin = -sin
+    return torch.cat([cos, cos], dim=-1).unsqueeze(-2), torch.cat([-sin, sin], dim=-1).unsqueeze(-2)
+
+
+def apply_rotary(x, tables):
+    """x [..., T, H, D] rotated by ``rotary_tables``, rounded once to x's dtype (the products read x as it is)."""
+    cos, signed_sin = tables
+    swapped = x.unflatten(-1, (2, -1)).flip(-2).flatten(-2)  # (x2, x1): one copy, vs neg + cat for (-x2, x1)
+    return torch.addcmul(x * cos, swapped, signed_sin).to(x.dtype)
+
+
 def rotary_embedding_torch(x, positions, theta: float = 10000.0, inverse: bool = False):
-    """The op in PyTorch: a few passes over x in eager mode (the products read x in its own dtype)."""
-    half = x.shape[-1] // 2
+    """The op in PyTorch: a few passes over x in eager mode."""
     compute = torch.promote_types(x.dtype, torch.float32)
-    angles = positions.to(compute).unsqueeze(-1) * inverse_frequencies(half, theta, compute, x.device)
-    angles = torch.cat([angles, angles], dim=-1).unsqueeze(-2)  # [..., T, 1, D]
-    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
-    sin = -torch.sin(angles) if inverse else torch.sin(angles)
-    return torch.addcmul(x * torch.cos(angles), rotated, sin).to(x.dtype)
+    return apply_rotary(x, rotary_tables(positions, x.shape[-1], theta, compute, inverse))
 
 
 # ---- CUDA path ---------------------------------------------------------------------------------------------

@@ -9,7 +9,7 @@ from torch._inductor.utils import run_and_get_code
 
 from fsa_compile import compression, modules
 from fsa_compile.lowerings import compression_windows as windows_workaround
-from fsa_compile.ops import _settings
+from fsa_compile.ops import SequenceLayout, _settings
 from tests._testing import DEVICE, RATIO, assert_close, make_cu_seqlens, make_layer, make_small_layer
 
 
@@ -96,12 +96,23 @@ def _slice_rotary_embedding(x, positions, theta):
     return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
 
 
-def _separate_projections(layer, x):
+def _project_as_it_was(layer, x, cu_seqlens=None):
+    """The layer's ``project`` as it was when the bug below was pinned: separate q/k/v projections, k and v
+    compressed one after the other, RoPE written with slices."""
     batch, num_tokens, _ = x.shape
     q = layer.q_proj(x).view(batch, num_tokens, layer.num_heads, layer.head_dim)
     k = layer.k_proj(x).view(batch, num_tokens, layer.num_kv_heads, layer.head_dim)
     v = layer.v_proj(x).view(batch, num_tokens, layer.num_kv_heads, layer.head_dim)
-    return q, k, v, torch.sigmoid(layer.gate_proj(x)).view(batch, num_tokens, layer.num_heads, 3)
+    gates = torch.sigmoid(layer.gate_proj(x)).view(batch, num_tokens, layer.num_heads, 3)
+    ks, stride = layer.kernel_size, layer.kernel_stride
+    k_cmp = compression.compress(k, layer.compress_key, layer.compress_key_pos, ks, stride, cu_seqlens)
+    v_cmp = compression.compress(v, layer.compress_value, layer.compress_value_pos, ks, stride, cu_seqlens)
+    layout = SequenceLayout(batch, num_tokens, num_tokens, x.device, cu_seqlens)
+    _, cmp_positions, _ = layout.compressed_rows(ks, stride)
+    q = _slice_rotary_embedding(q, layout.query_positions, layer.rope_theta)
+    k = _slice_rotary_embedding(k, layout.query_positions, layer.rope_theta)
+    k_cmp = _slice_rotary_embedding(k_cmp, cmp_positions, layer.rope_theta)
+    return dict(q=q, k=k, v=v, k_cmp=k_cmp, v_cmp=v_cmp, gates=gates)
 
 
 @pytest.mark.skipif(DEVICE != "cpu", reason="a bug of Inductor's C++ (CPU) backend")
@@ -117,11 +128,9 @@ def test_inductor_bug_shared_zeros_index_put(monkeypatch):
     Attempts to reduce it to a graph without the fsa ops (the same projections, gathers and RoPE around einsum
     attention, opaque or not) compiled correctly, so the pin is the layer itself."""
     monkeypatch.setattr(windows_workaround, "OPAQUE_WINDOW_DEVICES", ())
-    # The graph that shows it (the layer as it was): the gather (not the chunked matmul), RoPE written with slices,
-    # separate q/k/v projections.
+    # The graph that shows it (the layer as it was): the gather (not the chunked matmul), _project_as_it_was.
     monkeypatch.setattr(compression, "_chunks_apply", lambda *_: False)
-    monkeypatch.setattr(modules, "rotary_embedding", _slice_rotary_embedding)
-    monkeypatch.setattr(modules.FlashSparseAttention, "_heads", _separate_projections)
+    monkeypatch.setattr(modules.FlashSparseAttention, "project", _project_as_it_was)
     hidden, hq, hkv, d, config = GRID[0]
     layer = make_layer(hidden, hq, hkv, d, dtype=torch.float64, **config)
     x = torch.randn(2, 80, hidden, dtype=torch.float64)

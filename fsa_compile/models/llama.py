@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from fsa_compile.compression import rotary_embedding
+from fsa_compile.compression import rotary_embeddings
 from fsa_compile.kv_cache import NSACache
 from fsa_compile.modules import FlashSparseAttention
 from fsa_compile.ops import SequenceLayout
@@ -104,8 +104,7 @@ class FullCausalAttention(nn.Module):
         k = self.k_proj(x).view(batch, num_tokens, self.num_kv_heads, self.head_dim)
         v = self.v_proj(x).view(batch, num_tokens, self.num_kv_heads, self.head_dim)
         layout = SequenceLayout(batch, num_tokens, num_tokens, x.device, cu_seqlens)
-        q = rotary_embedding(q, layout.query_positions, self.rope_theta)
-        k = rotary_embedding(k, layout.query_positions, self.rope_theta)
+        q, k = rotary_embeddings((q, k), layout.query_positions, self.rope_theta)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))
         if cu_seqlens is None:
             o = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
