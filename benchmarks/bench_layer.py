@@ -8,6 +8,8 @@
 Per (T, G), bf16, Hkv = 4, D = 128, hidden = Hq * D, batch 1, defaults of the layer (kernel 32/16, block 64,
 top-16, window 512):
 - layer forward and forward+backward (ms, median) for NSA eager and the dense-SDPA layer (eager), peak memory;
+  forward+backward also 10 steps back to back (steady state: where a step is host-bound, one step after an L2
+  flush overstates it), for the compiled variants too;
 - a per-branch breakdown on the layer's own intermediates: projections+compression, compressed attention,
   select_blocks, selected attention, window attention (forward and forward+backward), eager and (for
   ``--compile-seqlens``) each branch compiled; the compressed branch also on the Triton kernel alone (the cuDNN
@@ -31,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import fsa_compile  # noqa: E402
 from fsa_compile.models import FullCausalAttention  # noqa: E402
 from fsa_compile.ops import _settings as settings  # noqa: E402
-from _harness import cuda_time_ms, device_meta, peak_memory_mb, write_json  # noqa: E402
+from _harness import back_to_back_ms, cuda_time_ms, device_meta, peak_memory_mb, write_json  # noqa: E402
 
 try:
     from tqdm import tqdm
@@ -127,6 +129,7 @@ def run_config(seqlen, group, compile_it, args):
     for name, model in (("nsa", layer), ("sdpa", dense)):
         row[f"{name} fwd"] = cuda_time_ms(forward_only(model, x))
         row[f"{name} fwd+bwd"] = cuda_time_ms(forward_backward(model, x, grad))
+        row[f"{name} fwd+bwd back-to-back"] = back_to_back_ms(forward_backward(model, x, grad))
         row[f"{name} peak MiB"] = peak_memory_mb(forward_backward(model, x, grad))
     row["breakdown"] = branch_times(layer, x)
     if compile_it:
@@ -138,6 +141,7 @@ def run_config(seqlen, group, compile_it, args):
             torch._dynamo.reset()
             compiled = torch.compile(layer, fullgraph=True, dynamic=tag == "dynamic")
             row[f"nsa compiled {tag} fwd+bwd"] = cuda_time_ms(forward_backward(compiled, x, grad))
+            row[f"nsa compiled {tag} fwd+bwd back-to-back"] = back_to_back_ms(forward_backward(compiled, x, grad))
             row[f"kernels compiled {tag} fwd+bwd"] = count_cuda_kernels(forward_backward(compiled, x, grad))
             if args.cudagraphs:
                 graphs = torch.compile(layer, fullgraph=True, dynamic=tag == "dynamic", mode="reduce-overhead")
@@ -152,6 +156,15 @@ def print_table(rows):
         print(f"{r['seqlen']:>7} {r['group']:>2}  {r['nsa fwd']:9.2f} {r['sdpa fwd']:9.2f} {r['nsa fwd+bwd']:9.2f} "
               f"{r['sdpa fwd+bwd']:9.2f} {r['sdpa fwd+bwd'] / r['nsa fwd+bwd']:7.2f}x {r['nsa peak MiB']:8.0f} "
               f"{r['sdpa peak MiB']:8.0f}")
+    print("\nforward+backward ms, 10 steps back to back (a training loop's steady state: host and GPU overlap)")
+    for r in rows:
+        sdpa = r["sdpa fwd+bwd back-to-back"]
+        nsa = {"eager": r["nsa fwd+bwd back-to-back"]}
+        for tag in ("static", "dynamic"):
+            if f"nsa compiled {tag} fwd+bwd back-to-back" in r:
+                nsa[f"compiled {tag}"] = r[f"nsa compiled {tag} fwd+bwd back-to-back"]
+        print(f"  T={r['seqlen']} G={r['group']}: sdpa {sdpa:.2f}  "
+              + "  ".join(f"nsa {name} {ms:.2f} ({sdpa / ms:.2f}x)" for name, ms in nsa.items()))
     compiled_rows = [r for r in rows if "kernels eager fwd+bwd" in r]
     if compiled_rows:
         print("\nforward+backward ms (kernels launched): eager vs torch.compile (static / dynamic shapes), "
