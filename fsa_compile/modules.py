@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -9,7 +11,12 @@ from torch import Tensor, nn
 from fsa_compile.compression import compress, rotary_embedding, rotary_embeddings
 from fsa_compile.functional import nsa_attention
 from fsa_compile.kv_cache import NSACache
-from fsa_compile.ops import SELECTED_IMPLS, SequenceLayout, max_compressed_rows
+from fsa_compile.ops import SELECTED_IMPLS, SequenceLayout, _settings, max_compressed_rows
+
+
+# Where the setting ``compiled_projections`` applies: CUDA (the eager projection side is host-bound there); tests
+# add "cpu" to compare the compiled function with the eager one in CI.
+COMPILED_PROJECTION_DEVICES = ("cuda",)
 
 
 class FlashSparseAttention(nn.Module):
@@ -92,46 +99,34 @@ class FlashSparseAttention(nn.Module):
     def project(self, x: Tensor, cu_seqlens: Tensor | None = None) -> dict[str, Tensor]:
         """The inputs of the three branches: q, k, v (after RoPE), k_cmp, v_cmp and gates [B, T, Hq, 3].
 
-        k_cmp and v_cmp have Tc rows, or ``T // kernel_stride + 2`` (zero after the first Tc) for a symbolic T."""
-        q, kv, gates = self._heads(x)
-        batch, num_tokens, _ = x.shape
-        ks, stride = self.kernel_size, self.kernel_stride
-        # A symbolic T (torch.export, dynamic=True) gets T // stride + 2 compressed rows, zero past Tc: Tc itself
-        # would branch on T >= kernel_size, and export could not cover T from 1. A concrete T gets Tc.
-        rows = max_compressed_rows(num_tokens, stride) if isinstance(num_tokens, torch.SymInt) else None
-        # Keys and values compressed in one pass, as 2 * Hkv heads: half the eager kernels, forward and backward.
-        kv_cmp = compress(kv, torch.cat([self.compress_key, self.compress_value]),
-                          torch.cat([self.compress_key_pos, self.compress_value_pos]), ks, stride, cu_seqlens, rows)
-        k_cmp, v_cmp = kv_cmp.split(self.num_kv_heads, dim=2)
-        k, v = kv.split(self.num_kv_heads, dim=2)
+        k_cmp and v_cmp have Tc rows, or ``T // kernel_stride + 2`` (zero after the first Tc) for a symbolic T.
+        In eager mode on CUDA with the setting ``compiled_projections`` this runs through ``torch.compile``
+        (static shapes: compiled once per shape, on first use)."""
+        self._check_input(x)
+        args = (x, *self._projection_weights(), self.compress_key, self.compress_key_pos, self.compress_value,
+                self.compress_value_pos, cu_seqlens)
+        config = dict(num_heads=self.num_heads, num_kv_heads=self.num_kv_heads, head_dim=self.head_dim,
+                      kernel_size=self.kernel_size, kernel_stride=self.kernel_stride, rope_theta=self.rope_theta)
+        if (_settings.get("compiled_projections") and x.device.type in COMPILED_PROJECTION_DEVICES
+                and not torch.compiler.is_compiling() and not torch.compiler.is_exporting()):
+            return _compiled_project()(*args, **config)
+        return _project(*args, **config)
 
-        layout = SequenceLayout(batch, num_tokens, num_tokens, x.device, cu_seqlens)
-        _, cmp_positions, _ = layout.compressed_rows(ks, stride, rows)
-        q, k = rotary_embeddings((q, k), layout.query_positions, self.rope_theta)
-        k_cmp = rotary_embedding(k_cmp, cmp_positions, self.rope_theta)
-        # v contiguous once here rather than copied by each branch op.
-        return dict(q=q, k=k, v=v.contiguous(), k_cmp=k_cmp, v_cmp=v_cmp, gates=gates)
+    def _projection_weights(self) -> tuple[Tensor, ...]:
+        return (self.q_proj.weight, self.k_proj.weight, self.v_proj.weight, self.gate_proj.weight,
+                self.gate_proj.bias)
 
-    def _heads(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """q [B, T, Hq, D], kv [B, T, 2 * Hkv, D] (keys then values, before RoPE), gates [B, T, Hq, 3]."""
+    def _check_input(self, x: Tensor) -> None:
         if x.dim() != 3 or x.shape[-1] != self.hidden_size:
             raise ValueError(f"x must be [B, T, hidden_size={self.hidden_size}], got shape {tuple(x.shape)}")
-        batch, num_tokens, _ = x.shape
-        # One matmul for q, k and v (one pass over x forward, one dx product backward).
-        projections = (self.q_proj, self.k_proj, self.v_proj)
-        q, kv = F.linear(x, torch.cat([p.weight for p in projections])).split(
-            [self.q_proj.weight.shape[0], 2 * self.k_proj.weight.shape[0]], dim=-1)
-        q = q.view(batch, num_tokens, self.num_heads, self.head_dim)
-        kv = kv.view(batch, num_tokens, 2 * self.num_kv_heads, self.head_dim)
-        gates = torch.sigmoid(self.gate_proj(x)).view(batch, num_tokens, self.num_heads, 3)
-        return q, kv, gates
 
     def forward(self, x: Tensor, cu_seqlens: Tensor | None = None, cache: NSACache | None = None,
                 lengths: Tensor | None = None) -> Tensor:
         if cache is not None:
             if cu_seqlens is not None:
                 raise ValueError("a cache takes batched x [B, n, hidden], not packed sequences (cu_seqlens)")
-            q, kv, gates = self._heads(x)
+            self._check_input(x)
+            q, kv, gates = _heads(x, *self._projection_weights(), self.num_heads, self.num_kv_heads, self.head_dim)
             k, v = kv.split(self.num_kv_heads, dim=2)
             branches = dict(cache.append(q, k, v, lengths), gates=gates)
         elif lengths is not None:
@@ -144,3 +139,48 @@ class FlashSparseAttention(nn.Module):
             window_size=self.window_size, cu_seqlens=cu_seqlens, impl=self.impl,
         )
         return self.o_proj(o.flatten(2))
+
+
+def _heads(x, q_weight, k_weight, v_weight, gate_weight, gate_bias, num_heads: int, num_kv_heads: int,
+           head_dim: int) -> tuple[Tensor, Tensor, Tensor]:
+    """q [B, T, Hq, D], kv [B, T, 2 * Hkv, D] (keys then values, before RoPE), gates [B, T, Hq, 3]."""
+    batch, num_tokens, _ = x.shape
+    # One matmul for q, k and v (one pass over x forward, one dx product backward).
+    q, kv = F.linear(x, torch.cat([q_weight, k_weight, v_weight])).split(
+        [q_weight.shape[0], k_weight.shape[0] + v_weight.shape[0]], dim=-1)
+    q = q.view(batch, num_tokens, num_heads, head_dim)
+    kv = kv.view(batch, num_tokens, 2 * num_kv_heads, head_dim)
+    gates = torch.sigmoid(F.linear(x, gate_weight, gate_bias)).view(batch, num_tokens, num_heads, 3)
+    return q, kv, gates
+
+
+def _project(x, q_weight, k_weight, v_weight, gate_weight, gate_bias, compress_key, compress_key_pos,
+             compress_value, compress_value_pos, cu_seqlens, *, num_heads: int, num_kv_heads: int, head_dim: int,
+             kernel_size: int, kernel_stride: int, rope_theta: float) -> dict[str, Tensor]:
+    """``FlashSparseAttention.project`` as a function of tensors and ints (no module: one compiled graph serves
+    every layer of a shape)."""
+    q, kv, gates = _heads(x, q_weight, k_weight, v_weight, gate_weight, gate_bias, num_heads, num_kv_heads, head_dim)
+    batch, num_tokens, _ = x.shape
+    # A symbolic T (torch.export, dynamic=True) gets T // stride + 2 compressed rows, zero past Tc: Tc itself
+    # would branch on T >= kernel_size, and export could not cover T from 1. A concrete T gets Tc.
+    rows = max_compressed_rows(num_tokens, kernel_stride) if isinstance(num_tokens, torch.SymInt) else None
+    # Keys and values compressed in one pass, as 2 * Hkv heads: half the eager kernels, forward and backward.
+    kv_cmp = compress(kv, torch.cat([compress_key, compress_value]), torch.cat([compress_key_pos, compress_value_pos]),
+                      kernel_size, kernel_stride, cu_seqlens, rows)
+    k_cmp, v_cmp = kv_cmp.split(num_kv_heads, dim=2)
+    k, v = kv.split(num_kv_heads, dim=2)
+
+    layout = SequenceLayout(batch, num_tokens, num_tokens, x.device, cu_seqlens)
+    _, cmp_positions, _ = layout.compressed_rows(kernel_size, kernel_stride, rows)
+    q, k = rotary_embeddings((q, k), layout.query_positions, rope_theta)
+    k_cmp = rotary_embedding(k_cmp, cmp_positions, rope_theta)
+    # v contiguous once here rather than copied by each branch op.
+    return dict(q=q, k=k, v=v.contiguous(), k_cmp=k_cmp, v_cmp=v_cmp, gates=gates)
+
+
+@functools.cache
+def _compiled_project():
+    """``_project`` through ``torch.compile`` (the setting ``compiled_projections``): Inductor fuses its ~50 eager
+    forward kernels and ~40 backward ones, which at 32K tokens cost more host time than GPU time. Static shapes: a
+    symbolic T would take the export path (padded compressed rows, the gather)."""
+    return torch.compile(_project, fullgraph=True, dynamic=False)

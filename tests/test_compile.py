@@ -41,6 +41,29 @@ def test_fullgraph_matches_eager_forward_and_backward(varlen):
         torch.testing.assert_close(g, e, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("varlen", [False, True], ids=["batched", "varlen"])
+def test_compiled_projections_match_eager(varlen, monkeypatch):
+    """The setting ``compiled_projections``: an eager layer runs its projection side through torch.compile. The
+    device rule is widened to CPU so that CI compares the compiled function itself (C++ Inductor)."""
+    monkeypatch.setattr(modules, "COMPILED_PROJECTION_DEVICES", ("cpu", "cuda"))
+    compiled_calls = []
+    compiled_project = modules._compiled_project
+    monkeypatch.setattr(modules, "_compiled_project", lambda: compiled_calls.append(1) or compiled_project())
+    layer = make_small_layer()
+    cu = make_cu_seqlens((20, 37)) if varlen else None
+    x = torch.randn(1 if varlen else 2, 57, 64, device=DEVICE, requires_grad=True)
+    cot = torch.randn(x.shape, device=DEVICE)
+    results = []
+    for on in (False, True, True):  # the second compiled call reuses the graph
+        with _settings.override("compiled_projections", on):
+            out = layer(x, cu)
+            results.append((out, *torch.autograd.grad((out * cot).sum(), [x, *layer.parameters()])))
+    assert len(compiled_calls) == 2
+    for got in results[1:]:
+        for name, g, e in zip(["out", "dx", *(n for n, _ in layer.named_parameters())], got, results[0]):
+            torch.testing.assert_close(g, e, rtol=1e-4, atol=1e-5, msg=lambda m: f"{name}: {m}")
+
+
 # (hidden, Hq, Hkv, D, layer config): overlapping and disjoint windows, blocks that are and are not multiples of
 # the stride, init/local blocks from none to most of topk, windows of 1 token to more than T, G in {1, 2, 4, 8}.
 GRID = [
