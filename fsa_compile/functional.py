@@ -14,6 +14,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from fsa_compile import _compiled_glue
 from fsa_compile.ops import check_argument_types, check_cu_seqlens_tensor, check_cu_seqlens_values  # registers the ops
 
 
@@ -173,5 +174,13 @@ def nsa_attention(
     )
     o_slc, _ = selected_attention(q, k, v, indices, block_size, scale, cu_seqlens, impl, cu_seqlens_k, seqlens_k)
     o_win, _ = sliding_window_attention(q, k, v, window_size, scale, cu_seqlens, cu_seqlens_k, seqlens_k)
+    return (_combine_compiled if _compiled_glue.applies(q) else _combine)(gates, o_cmp, o_slc, o_win)
+
+
+def _combine(gates: Tensor, o_cmp: Tensor, o_slc: Tensor, o_win: Tensor) -> Tensor:
+    """``g_cmp * o_cmp + g_slc * o_slc + g_win * o_win`` in the branches' dtype."""
     gates = gates.to(o_cmp.dtype)
     return gates[..., 0:1] * o_cmp + gates[..., 1:2] * o_slc + gates[..., 2:3] * o_win
+
+
+_combine_compiled = _compiled_glue.compiled(_combine)

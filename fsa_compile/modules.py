@@ -2,21 +2,15 @@
 
 from __future__ import annotations
 
-import functools
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from fsa_compile import _compiled_glue
 from fsa_compile.compression import compress, rotary_embedding, rotary_embeddings
 from fsa_compile.functional import nsa_attention
 from fsa_compile.kv_cache import NSACache
-from fsa_compile.ops import SELECTED_IMPLS, SequenceLayout, _settings, max_compressed_rows
-
-
-# Where the setting ``compiled_projections`` applies: CUDA (the eager projection side is host-bound there); tests
-# add "cpu" to compare the compiled function with the eager one in CI.
-COMPILED_PROJECTION_DEVICES = ("cuda",)
+from fsa_compile.ops import SELECTED_IMPLS, SequenceLayout, max_compressed_rows
 
 
 class FlashSparseAttention(nn.Module):
@@ -100,17 +94,14 @@ class FlashSparseAttention(nn.Module):
         """The inputs of the three branches: q, k, v (after RoPE), k_cmp, v_cmp and gates [B, T, Hq, 3].
 
         k_cmp and v_cmp have Tc rows, or ``T // kernel_stride + 2`` (zero after the first Tc) for a symbolic T.
-        In eager mode on CUDA with the setting ``compiled_projections`` this runs through ``torch.compile``
-        (static shapes: compiled once per shape, on first use)."""
+        In eager mode on CUDA with the setting ``compiled_glue`` this runs through ``torch.compile``
+        (``fsa_compile._compiled_glue``)."""
         self._check_input(x)
         args = (x, *self._projection_weights(), self.compress_key, self.compress_key_pos, self.compress_value,
                 self.compress_value_pos, cu_seqlens)
         config = dict(num_heads=self.num_heads, num_kv_heads=self.num_kv_heads, head_dim=self.head_dim,
                       kernel_size=self.kernel_size, kernel_stride=self.kernel_stride, rope_theta=self.rope_theta)
-        if (_settings.get("compiled_projections") and x.device.type in COMPILED_PROJECTION_DEVICES
-                and not torch.compiler.is_compiling() and not torch.compiler.is_exporting()):
-            return _compiled_project()(*args, **config)
-        return _project(*args, **config)
+        return (_project_compiled if _compiled_glue.applies(x) else _project)(*args, **config)
 
     def _projection_weights(self) -> tuple[Tensor, ...]:
         return (self.q_proj.weight, self.k_proj.weight, self.v_proj.weight, self.gate_proj.weight,
@@ -178,9 +169,4 @@ def _project(x, q_weight, k_weight, v_weight, gate_weight, gate_bias, compress_k
     return dict(q=q, k=k, v=v.contiguous(), k_cmp=k_cmp, v_cmp=v_cmp, gates=gates)
 
 
-@functools.cache
-def _compiled_project():
-    """``_project`` through ``torch.compile`` (the setting ``compiled_projections``): Inductor fuses its ~50 eager
-    forward kernels and ~40 backward ones, which at 32K tokens cost more host time than GPU time. Static shapes: a
-    symbolic T would take the export path (padded compressed rows, the gather)."""
-    return torch.compile(_project, fullgraph=True, dynamic=False)
+_project_compiled = _compiled_glue.compiled(_project)

@@ -80,9 +80,9 @@ _LAUNCH_SETTINGS: dict[tuple, object] = {
     # The layer's RoPE in eager mode on CUDA through fsa::rotary_embedding (one Triton pass each way) instead of
     # ~10 PyTorch kernels per direction and tensor. Off: tested in the Triton interpreter only, not yet on a GPU.
     ("fused_rope", None, None, None): False,
-    # The layer's projection side (q/k/v/gate projections, compression, RoPE) in eager mode on CUDA through
-    # torch.compile (``modules._compiled_project``), compiled on first use per shape. Off: not yet measured on a GPU.
-    ("compiled_projections", None, None, None): False,
+    # The layer's plain-PyTorch glue (projections, compression, RoPE, the gated combination) in eager mode on CUDA
+    # through torch.compile (``fsa_compile/_compiled_glue.py``). Off: not yet measured on a GPU.
+    ("compiled_glue", None, None, None): False,
 }
 # Bumped by every change of the table: what was cached under other settings (eager CUDA graphs) is not reused.
 _version = 0

@@ -7,7 +7,7 @@ import torch
 from torch._dynamo.testing import CompileCounterWithBackend
 from torch._inductor.utils import run_and_get_code
 
-from fsa_compile import compression, modules
+from fsa_compile import _compiled_glue, compression, modules
 from fsa_compile.lowerings import compression_windows as windows_workaround
 from fsa_compile.ops import SequenceLayout, _settings
 from tests._testing import DEVICE, RATIO, assert_close, make_cu_seqlens, make_layer, make_small_layer
@@ -42,23 +42,21 @@ def test_fullgraph_matches_eager_forward_and_backward(varlen):
 
 
 @pytest.mark.parametrize("varlen", [False, True], ids=["batched", "varlen"])
-def test_compiled_projections_match_eager(varlen, monkeypatch):
-    """The setting ``compiled_projections``: an eager layer runs its projection side through torch.compile. The
-    device rule is widened to CPU so that CI compares the compiled function itself (C++ Inductor)."""
-    monkeypatch.setattr(modules, "COMPILED_PROJECTION_DEVICES", ("cpu", "cuda"))
-    compiled_calls = []
-    compiled_project = modules._compiled_project
-    monkeypatch.setattr(modules, "_compiled_project", lambda: compiled_calls.append(1) or compiled_project())
+def test_compiled_glue_matches_eager(varlen, monkeypatch):
+    """The setting ``compiled_glue``: an eager layer runs its projection side and gated combination through
+    torch.compile. The device rule is widened to CPU so that CI compares the compiled functions themselves."""
+    monkeypatch.setattr(_compiled_glue, "DEVICES", ("cpu", "cuda"))
     layer = make_small_layer()
     cu = make_cu_seqlens((20, 37)) if varlen else None
     x = torch.randn(1 if varlen else 2, 57, 64, device=DEVICE, requires_grad=True)
     cot = torch.randn(x.shape, device=DEVICE)
-    results = []
-    for on in (False, True, True):  # the second compiled call reuses the graph
-        with _settings.override("compiled_projections", on):
+    results, graphs = [], []
+    for on in (False, True, True):  # the second compiled step reuses the graphs
+        with _settings.override("compiled_glue", on):
             out = layer(x, cu)
             results.append((out, *torch.autograd.grad((out * cot).sum(), [x, *layer.parameters()])))
-    assert len(compiled_calls) == 2
+        graphs.append(torch._dynamo.utils.counters["stats"]["unique_graphs"])
+    assert graphs[1] - graphs[0] == 2 and graphs[2] == graphs[1]  # _project and _combine, each compiled once
     for got in results[1:]:
         for name, g, e in zip(["out", "dx", *(n for n, _ in layer.named_parameters())], got, results[0]):
             torch.testing.assert_close(g, e, rtol=1e-4, atol=1e-5, msg=lambda m: f"{name}: {m}")
