@@ -69,7 +69,7 @@ _LAUNCH_SETTINGS: dict[tuple, object] = {
     ("compressed_dense", None, None, None): dict(max_group=4, min_tokens=65536),
     # The FSA index inversion's tables after the sort in three Triton launches, two zero fills and a cumsum instead
     # of about 25 torch ops (``_index_inversion._work_items_fused``; the host floor of eager calls). H200, bf16,
-    # benchmarks/steady_state_selected.py, eager / CUDA-graph ms per call, torch ops vs fused: 16K G = 1 fwd
+    # benchmarks/steady_state_ops.py, eager / CUDA-graph ms per call, torch ops vs fused: 16K G = 1 fwd
     # 1.07/0.49 vs 0.75/0.45, bwd 1.09/0.74 vs 0.89/0.70; 64K G = 4 fwd 5.39/5.21 vs 5.18/5.05, bwd 8.94/8.81 vs
     # 8.77/8.73 (2026-12-03). False: the torch ops (the A/B, and int64 keys, which always take them).
     ("fused_index_inversion", None, None, None): True,

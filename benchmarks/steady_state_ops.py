@@ -1,8 +1,13 @@
-"""Selected attention back to back, as in a training loop, next to bench_selected.py's single cold-L2 calls.
+"""The ops back to back, as in a training loop, next to bench_selected.py's single cold-L2 calls.
 
-    python benchmarks/steady_state_selected.py --seqlen 65536 --groups 1 4 [--impl fsa]
-    python benchmarks/steady_state_selected.py --seqlen 16384 --groups 1 --fused-index-inversion both  # A/B
-    python benchmarks/steady_state_selected.py --seqlen 16384 --groups 1 --eager-cuda-graphs both  # A/B
+    python benchmarks/steady_state_ops.py --seqlen 65536 --groups 1 4 [--impl fsa]
+    python benchmarks/steady_state_ops.py --seqlen 16384 --groups 1 --fused-index-inversion both  # A/B
+    python benchmarks/steady_state_ops.py --seqlen 16384 --groups 1 --eager-cuda-graphs both  # A/B
+    python benchmarks/steady_state_ops.py --seqlen 16384 --groups 1 4 --ops layer  # the layer's other ops
+
+``--ops selected`` (the default): selected attention forward and backward op. ``--ops layer``: the layer's other
+ops at its defaults (kernel 32/16, block 64, top-16, window 512): compressed attention forward and backward (cuDNN
+or Triton as ``compressed_dense`` picks), select_blocks, sliding-window attention forward and backward.
 
 Per call: ms over 10 calls back to back in eager mode, and over 10 replays of a CUDA graph of it (GPU time without
 host overhead; capturing it also proves that the op does not synchronise with the host), and the host time of one
@@ -23,7 +28,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import fsa_compile  # noqa: E402
-from fsa_compile.ops import _settings as settings  # noqa: E402
+from fsa_compile.ops import _settings as settings, num_compressed  # noqa: E402
 from _harness import SelectedConfig, back_to_back_ms  # noqa: E402
 from bench_selected import selected_problem  # noqa: E402
 
@@ -51,6 +56,30 @@ def graph_of(step) -> torch.cuda.CUDAGraph:
     return graph
 
 
+def layer_ops_problem(config: SelectedConfig, device="cuda") -> dict:
+    """Raw calls of the layer's other ops on bf16 inputs of ``config`` (backward ops on their forward's o, lse and
+    a random do)."""
+    B, T, hq, hkv, D = config.batch, config.seqlen, config.num_heads, config.num_kv_heads, config.head_dim
+    kernel_size, kernel_stride, window_size = 32, 16, 512
+    q = torch.randn(B, T, hq, D, device=device, dtype=torch.bfloat16)
+    k, v = (torch.randn(B, T, hkv, D, device=device, dtype=torch.bfloat16) for _ in range(2))
+    num_cmp = num_compressed(T, kernel_size, kernel_stride)
+    k_cmp, v_cmp = (torch.randn(B, num_cmp, hkv, D, device=device, dtype=torch.bfloat16) for _ in range(2))
+    fsa = torch.ops.fsa
+    o_cmp, lse_cmp = fsa.compressed_attention(q, k_cmp, v_cmp, kernel_size, kernel_stride)
+    o_win, lse_win = fsa.sliding_window_attention(q, k, v, window_size)
+    do = torch.randn_like(o_cmp)
+    return {
+        "compressed fwd": lambda: fsa.compressed_attention(q, k_cmp, v_cmp, kernel_size, kernel_stride),
+        "compressed bwd": lambda: fsa.compressed_attention_backward(
+            do, None, q, k_cmp, v_cmp, o_cmp, lse_cmp, kernel_size, kernel_stride),
+        "select_blocks": lambda: fsa.select_blocks(q, k_cmp, lse_cmp, kernel_size, kernel_stride,
+                                                   config.block_size, config.topk, 1, 2),
+        "window fwd": lambda: fsa.sliding_window_attention(q, k, v, window_size),
+        "window bwd": lambda: fsa.sliding_window_attention_backward(do, None, q, k, v, o_win, lse_win, window_size),
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--seqlen", type=int, default=65536)
@@ -61,11 +90,13 @@ def main() -> None:
                              "both: an A/B")
     parser.add_argument("--eager-cuda-graphs", choices=("on", "off", "both"), default="on",
                         help="eager calls replay the op's own CUDA graphs (the default); both: an A/B")
+    parser.add_argument("--ops", choices=("selected", "layer"), default="selected")
     args = parser.parse_args()
     print(torch.cuda.get_device_name(), f"T={args.seqlen} impl={args.impl}")
     modes = {"on": [True], "off": [False], "both": [False, True]}
     for group in args.groups:
-        steps, _ = selected_problem(SelectedConfig(seqlen=args.seqlen, group=group), args.impl)
+        config = SelectedConfig(seqlen=args.seqlen, group=group)
+        steps = selected_problem(config, args.impl)[0] if args.ops == "selected" else layer_ops_problem(config)
         for name, step in steps.items():
             for fused_inversion in modes[args.fused_index_inversion]:
                 for eager_graphs in modes[args.eager_cuda_graphs]:
