@@ -42,7 +42,8 @@ def main() -> None:
     parser.add_argument("--compiled", action=argparse.BooleanOptionalAction, default=True)
     args = parser.parse_args()
     settings.get(args.setting)  # a typo fails before any timing
-    print(torch.cuda.get_device_name(), f"T={args.seqlen}", f"{args.setting}: A={args.values[0]!r} B={args.values[1]!r}")
+    print(torch.cuda.get_device_name(), f"T={args.seqlen}",
+          f"{args.setting}: A={args.values[0]!r} B={args.values[1]!r}")
     for group in args.groups:
         hkv, d = 4, 128
         hq = group * hkv

@@ -98,8 +98,8 @@ def rotary_embedding(x: torch.Tensor, positions: torch.Tensor, theta: float = 10
     """Rotate-half RoPE. x [B, T, H, D] (D even), positions [T] or [B, T] -> [B, T, H, D].
 
     ``x * cos + rotate_half(x) * sin`` in float32 (float64 for float64 x), rounded once to x's dtype. Plain PyTorch
-    (``ops.rotary_embedding.rotary_tables`` / ``apply_rotary``), which Inductor fuses under torch.compile; in eager mode on
-    CUDA with the setting ``fused_rope``, ``torch.ops.fsa.rotary_embedding`` (one Triton pass each way)."""
+    (``ops.rotary_embedding.rotary_tables`` and ``apply_rotary``), which Inductor fuses under torch.compile; in eager
+    mode on CUDA with the setting ``fused_rope``, ``torch.ops.fsa.rotary_embedding`` (one Triton pass each way)."""
     return rotary_embeddings([x], positions, theta)[0]
 
 

@@ -156,8 +156,8 @@ def _project(x, q_weight, k_weight, v_weight, gate_weight, gate_bias, compress_k
     # would branch on T >= kernel_size, and export could not cover T from 1. A concrete T gets Tc.
     rows = max_compressed_rows(num_tokens, kernel_stride) if isinstance(num_tokens, torch.SymInt) else None
     # Keys and values compressed in one pass, as 2 * Hkv heads: half the eager kernels, forward and backward.
-    kv_cmp = compress(kv, torch.cat([compress_key, compress_value]), torch.cat([compress_key_pos, compress_value_pos]),
-                      kernel_size, kernel_stride, cu_seqlens, rows)
+    weight, pos_emb = torch.cat([compress_key, compress_value]), torch.cat([compress_key_pos, compress_value_pos])
+    kv_cmp = compress(kv, weight, pos_emb, kernel_size, kernel_stride, cu_seqlens, rows)
     k_cmp, v_cmp = kv_cmp.split(num_kv_heads, dim=2)
     k, v = kv.split(num_kv_heads, dim=2)
 

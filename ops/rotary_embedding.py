@@ -5,8 +5,8 @@ x [B, T, H, D] (D even), positions int [T] or [B, T] -> [B, T, H, D] in x's dtyp
 computed in float32 (float64 for float64 x) and rounded once. ``inverse=True`` rotates by the negative angles,
 which is the backward (RoPE is a rotation); differentiable in x.
 
-Kernels: PyTorch on CPU and for float64 (``rotary_embedding_torch``, which the layer also uses under torch.compile,
-where Inductor fuses it with its neighbours); on CUDA one Triton pass (``_kernels/rotary_embedding.py``) instead
+Kernels: PyTorch on CPU and for float64 (``rotary_tables`` and ``apply_rotary``, which the layer also uses under
+torch.compile, where Inductor fuses them with their neighbours); on CUDA one Triton pass (``_kernels/rotary_embedding.py``) instead
 of the ~10 eager PyTorch kernels per direction. The layer calls this op in eager mode on CUDA only when the setting
 ``fused_rope`` is on (off by default: not yet run on a GPU).
 """
