@@ -62,6 +62,24 @@ def test_compiled_glue_matches_eager(varlen, monkeypatch):
             torch.testing.assert_close(g, e, rtol=1e-4, atol=1e-5, msg=lambda m: f"{name}: {m}")
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(DEVICE != "cuda", reason="the setting applies on CUDA")
+@pytest.mark.parametrize("group", [1, 4])
+def test_compiled_glue_matches_eager_bf16(group):
+    """compiled_glue at a realistic size: bf16, D = 128, the layer's defaults, T = 4096 (to bf16 rounding; a top-k
+    near-tie may pick another block for a few queries)."""
+    layer = make_layer(512, 4 * group, 4, 128, dtype=torch.bfloat16)
+    x = torch.randn(1, 4096, 512, device=DEVICE, dtype=torch.bfloat16, requires_grad=True)
+    cot = torch.randn_like(x)
+    results = []
+    for on in (False, True):
+        with _settings.override("compiled_glue", on):
+            out = layer(x)
+            results.append((out, *torch.autograd.grad(out, [x, *layer.parameters()], cot)))
+    for name, want, got in zip(["out", "dx", *(n for n, _ in layer.named_parameters())], *results):
+        assert_close(name, want, got, RATIO[torch.bfloat16])
+
+
 # (hidden, Hq, Hkv, D, layer config): overlapping and disjoint windows, blocks that are and are not multiples of
 # the stride, init/local blocks from none to most of topk, windows of 1 token to more than T, G in {1, 2, 4, 8}.
 GRID = [
