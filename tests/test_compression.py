@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from fsa_compile import compress, reference
-from fsa_compile.compression import rotary_embedding
+from fsa_compile.compression import rotary_embedding, rotary_embeddings
 from tests._testing import make_cu_seqlens
 
 
@@ -46,3 +46,18 @@ def test_rotary_in_16_bit_rounds_once(dtype):
     assert got.dtype == dtype
     ulp = torch.finfo(dtype).eps * want.abs().clamp(min=torch.finfo(dtype).tiny)
     assert ((got.double() - want).abs() <= 0.5 * ulp + 2e-4).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rotary_of_several_tensors_equals_one_at_a_time(dtype):
+    """q and k through one shared cos/sin table: bitwise each rotated alone, forward and backward."""
+    q = torch.randn(2, 21, 4, 16, dtype=dtype, requires_grad=True)
+    k = torch.randn(2, 21, 2, 16, dtype=dtype, requires_grad=True)
+    positions = torch.randint(0, 4000, (2, 21))
+    together = rotary_embeddings((q, k), positions, 500.0)
+    alone = [rotary_embedding(x, positions, 500.0) for x in (q, k)]
+    grads = [torch.randn_like(t) for t in alone]
+    for a, b in zip(together, alone):
+        assert torch.equal(a, b)
+    assert all(torch.equal(a, b) for a, b in zip(torch.autograd.grad(together, (q, k), grads),
+                                                  torch.autograd.grad(alone, (q, k), grads)))
