@@ -6,9 +6,9 @@ computed in float32 (float64 for float64 x) and rounded once. ``inverse=True`` r
 which is the backward (RoPE is a rotation); differentiable in x.
 
 Kernels: PyTorch on CPU and for float64 (``rotary_tables`` and ``apply_rotary``, which the layer also uses under
-torch.compile, where Inductor fuses them with their neighbours); on CUDA one Triton pass (``_kernels/rotary_embedding.py``) instead
-of the ~10 eager PyTorch kernels per direction. The layer calls this op in eager mode on CUDA only when the setting
-``fused_rope`` is on (off by default: not yet run on a GPU).
+torch.compile, where Inductor fuses them with their neighbours); on CUDA one Triton pass
+(``_kernels/rotary_embedding.py``) instead of the ~10 eager PyTorch kernels per direction. The layer calls this op in
+eager mode on CUDA only when the setting ``fused_rope`` is on (off by default: not yet run on a GPU).
 """
 
 from __future__ import annotations
