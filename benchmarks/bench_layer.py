@@ -4,6 +4,7 @@
     python benchmarks/bench_layer.py --seqlens 8192 65536 --groups 1 --compile-seqlens 8192 --out bench_out
     python benchmarks/bench_layer.py --seqlens 32768 65536 --compile-seqlens 32768 65536 --shapes static \
         --no-cudagraphs --no-compiled-breakdown                       # the compiled layer only: fewer compiles
+    python benchmarks/bench_layer.py --set compiled_glue=true ...     # a launch setting for the whole run
 
 Per (T, G), bf16, Hkv = 4, D = 128, hidden = Hq * D, batch 1, defaults of the layer (kernel 32/16, block 64,
 top-16, window 512):
@@ -24,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import sys
 from pathlib import Path
 
@@ -225,17 +227,23 @@ def main():
                         help="also each compiled variant with CUDA graphs (mode='reduce-overhead')")
     parser.add_argument("--compiled-breakdown", action=argparse.BooleanOptionalAction, default=True,
                         help="also the per-branch breakdown compiled")
+    parser.add_argument("--set", action="append", default=[], metavar="NAME=JSON",
+                        help="a launch setting of ops/_settings.py for the whole run, e.g. compiled_glue=true")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     args = parser.parse_args()
     if not torch.cuda.is_available():
         sys.exit("bench_layer.py needs a CUDA device")
+    overrides = {name: json.loads(value) for name, _, value in (a.partition("=") for a in args.set)}
+    for name, value in overrides.items():
+        settings.replace(name, value)
+    meta = {**device_meta(), "settings": overrides}
     configs = [(t, g) for g in args.groups for t in args.seqlens]
     rows = []
     for seqlen, group in tqdm(configs, desc="configs"):
         rows.append(run_config(seqlen, group, seqlen in args.compile_seqlens, args))
-        write_json(args.out / "bench_layer.json", rows, device_meta())  # each row kept as it comes
+        write_json(args.out / "bench_layer.json", rows, meta)  # each row kept as it comes
         torch.cuda.empty_cache()
-    print(device_meta()["device"])
+    print(meta["device"], *(f"{name}={value}" for name, value in overrides.items()))
     print_table(rows)
     plot(rows, args.out / "bench_layer.png")
 
