@@ -62,6 +62,21 @@ def test_compiled_glue_matches_eager(varlen, monkeypatch):
             torch.testing.assert_close(g, e, rtol=1e-4, atol=1e-5, msg=lambda m: f"{name}: {m}")
 
 
+def test_compiled_glue_runs_eagerly_past_its_signature_budget():
+    """A compiled glue function compiles its first signatures only: Dynamo would fail a fullgraph function called
+    with more shapes than its recompile limit (an eager user with varying T)."""
+    def glue(x, scale):
+        return torch.sin(x) * scale
+
+    run = _compiled_glue.compiled(glue)
+    before = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    with torch._dynamo.config.patch(recompile_limit=2):
+        for length in (3, 4, 5, 6, 3):
+            x = torch.randn(length, device=DEVICE)
+            torch.testing.assert_close(run(x, 2.0), glue(x, 2.0))
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] - before == 2
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(DEVICE != "cuda", reason="the setting applies on CUDA")
 @pytest.mark.parametrize("group", [1, 4])
