@@ -6,6 +6,7 @@
 
 from fsa_compile import ops  # noqa: F401  (registers torch.ops.fsa.*)
 from fsa_compile import lowerings
+from fsa_compile._compiled_glue import set_compiled_glue
 from fsa_compile.compression import compress
 from fsa_compile.functional import (
     check_cu_seqlens,
@@ -33,6 +34,7 @@ __all__ = [
     "nsa_attention",
     "select_blocks",
     "selected_attention",
+    "set_compiled_glue",
     "set_eager_cuda_graphs",
     "sliding_window_attention",
 ]

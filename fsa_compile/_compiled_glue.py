@@ -1,4 +1,5 @@
-"""The eager layer's plain-PyTorch glue through ``torch.compile``: the setting ``compiled_glue``.
+"""The eager layer's plain-PyTorch glue through ``torch.compile``: the setting ``compiled_glue`` (on by default;
+``fsa_compile.set_compiled_glue(False)`` turns it off).
 
 Called eagerly on CUDA, the layer's projection side (q/k/v/gate projections, compression, RoPE) and the gated
 combination of the branches are ~60 small kernels forward and ~50 backward whose host time exceeds their GPU time
@@ -34,6 +35,16 @@ def applies(x: torch.Tensor) -> bool:
     return bool(_settings.get("compiled_glue")) and x.device.type in DEVICES and not (
         torch.compiler.is_compiling() or torch.compiler.is_exporting()
         or (x.is_cuda and torch.cuda.is_current_stream_capturing()))
+
+
+def set_compiled_glue(enabled: bool) -> None:
+    """Whether the layer called eagerly on CUDA runs its projections, compression, RoPE and gated combination through
+    ``torch.compile`` (default: True). Each of the two functions compiles on its first call with a new input
+    signature (shapes, dtypes, grad mode), for up to four signatures, and runs eagerly for further ones; a compile
+    takes seconds. Off, the glue is ~100 small eager kernels per step, host-bound below ~64K tokens."""
+    if not isinstance(enabled, bool):
+        raise TypeError(f"enabled must be a bool, got {type(enabled).__name__} {enabled!r}")
+    _settings.replace("compiled_glue", enabled)
 
 
 def _signature(args: tuple, kwargs: dict) -> tuple:

@@ -9,8 +9,7 @@ from __future__ import annotations
 import torch
 
 from fsa_compile.lowerings import compression_windows as windows_workaround
-from fsa_compile.ops import SequenceLayout, _settings, num_compressed
-from fsa_compile.ops.rotary_embedding import apply_rotary, rotary_tables
+from fsa_compile.ops import SequenceLayout, num_compressed
 
 
 def compression_windows(x, tokens, pos_emb):
@@ -97,19 +96,38 @@ def compress_windows(windows, weight, pos_emb):
 def rotary_embedding(x: torch.Tensor, positions: torch.Tensor, theta: float = 10000.0) -> torch.Tensor:
     """Rotate-half RoPE. x [B, T, H, D] (D even), positions [T] or [B, T] -> [B, T, H, D].
 
-    ``x * cos + rotate_half(x) * sin`` in float32 (float64 for float64 x), rounded once to x's dtype. Plain PyTorch
-    (``ops.rotary_embedding.rotary_tables`` and ``apply_rotary``), which Inductor fuses under torch.compile; in eager
-    mode on CUDA with the setting ``fused_rope``, ``torch.ops.fsa.rotary_embedding`` (one Triton pass each way)."""
+    ``x * cos + rotate_half(x) * sin`` with angles ``position * theta ** (-i / (D/2))`` in float32 (float64 for
+    float64 x), rounded once to x's dtype. Plain PyTorch, which Inductor fuses under torch.compile."""
     return rotary_embeddings([x], positions, theta)[0]
 
 
 def rotary_embeddings(xs, positions: torch.Tensor, theta: float = 10000.0) -> list[torch.Tensor]:
     """``rotary_embedding`` of several tensors at the same positions (a layer's q and k) with one cos/sin table:
     in eager mode the table is a dozen small kernels."""
-    if _settings.get("fused_rope") and xs[0].is_cuda and not torch.compiler.is_compiling():
-        return [torch.ops.fsa.rotary_embedding(x, positions, theta) for x in xs]  # float64: the op's PyTorch path
     compute = torch.float32
     for x in xs:
         compute = torch.promote_types(compute, x.dtype)
-    tables = rotary_tables(positions, xs[0].shape[-1], theta, compute)
-    return [apply_rotary(x, tables) for x in xs]
+    tables = _rotary_tables(positions, xs[0].shape[-1], theta, compute)
+    return [_apply_rotary(x, tables) for x in xs]
+
+
+def _inverse_frequencies(half: int, theta: float, dtype: torch.dtype, device) -> torch.Tensor:
+    """[half]: ``theta ** (-i / half)``, the angle per position of each rotated pair."""
+    return theta ** (-torch.arange(half, device=device, dtype=dtype) / half)
+
+
+def _rotary_tables(positions, dim: int, theta: float, dtype: torch.dtype):
+    """(cos, signed_sin), each [..., T, 1, D] in ``dtype`` (the compute dtype): ``x * cos + swap_halves(x) *
+    signed_sin`` is RoPE for x [..., T, H, D], with ``signed_sin = (-sin, sin)`` so that swapping x's halves is
+    rotate_half. Tensors at the same positions (a layer's q and k) share one table."""
+    half = dim // 2
+    angles = positions.to(dtype).unsqueeze(-1) * _inverse_frequencies(half, theta, dtype, positions.device)
+    cos, sin = torch.cos(angles), torch.sin(angles)
+    return torch.cat([cos, cos], dim=-1).unsqueeze(-2), torch.cat([-sin, sin], dim=-1).unsqueeze(-2)
+
+
+def _apply_rotary(x, tables):
+    """x [..., T, H, D] rotated by ``_rotary_tables``, rounded once to x's dtype (the products read x as it is)."""
+    cos, signed_sin = tables
+    swapped = x.unflatten(-1, (2, -1)).flip(-2).flatten(-2)  # (x2, x1): one copy, vs neg + cat for (-x2, x1)
+    return torch.addcmul(x * cos, swapped, signed_sin).to(x.dtype)

@@ -7,6 +7,7 @@ import torch
 from torch._dynamo.testing import CompileCounterWithBackend
 from torch._inductor.utils import run_and_get_code
 
+import fsa_compile
 from fsa_compile import _compiled_glue, compression, modules
 from fsa_compile.lowerings import compression_windows as windows_workaround
 from fsa_compile.ops import SequenceLayout, _settings
@@ -60,6 +61,20 @@ def test_compiled_glue_matches_eager(varlen, monkeypatch):
     for got in results[1:]:
         for name, g, e in zip(["out", "dx", *(n for n, _ in layer.named_parameters())], got, results[0]):
             torch.testing.assert_close(g, e, rtol=1e-4, atol=1e-5, msg=lambda m: f"{name}: {m}")
+
+
+def test_set_compiled_glue(monkeypatch):
+    monkeypatch.setattr(_compiled_glue, "DEVICES", ("cpu", "cuda"))
+    x = torch.zeros(1, device=DEVICE)
+    assert _compiled_glue.applies(x)  # the default
+    try:
+        fsa_compile.set_compiled_glue(False)
+        assert not _compiled_glue.applies(x)
+        with pytest.raises(TypeError, match="enabled must be a bool, got int 1"):
+            fsa_compile.set_compiled_glue(1)
+    finally:
+        fsa_compile.set_compiled_glue(True)
+    assert _compiled_glue.applies(x)
 
 
 def test_compiled_glue_runs_eagerly_past_its_signature_budget():
