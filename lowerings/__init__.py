@@ -4,6 +4,8 @@ compiler; everything that decides what Inductor sees is here.
 - ``triton_launches``: under torch.compile a CUDA call is traced through the op's Triton launches, so the
   generated code launches our kernels itself; the rule for when (and the pytorch/pytorch#181735 workaround for
   symbolic sizes), and the check that traced launch settings fit the GPU.
+  Where an op stays opaque, its Inductor fallback is registered before Inductor lowers the graph (Inductor's own,
+  registered at the op's first node, came too late for the nodes before it in a process's first compile).
 - ``compression_windows``: the devices whose compression windows go through an opaque op (an Inductor CPU
   miscompile of the gather's backward).
 - ``_compat``: the only imports of private torch APIs.

@@ -1,5 +1,10 @@
-"""The private torch APIs that ``fsa_compile.lowerings`` uses, in one place (checked on torch 2.11 and 2.13)."""
+"""The private torch APIs that ``fsa_compile.lowerings`` uses, in one place (checked on torch 2.11 and 2.13;
+``namespace_ops`` and ``register_inductor_fallback`` on 2.13 only, the latter doing nothing where its APIs are
+missing)."""
 
+import sys
+
+import torch
 from torch._subclasses.fake_tensor import FakeTensor, is_fake
 from torch._subclasses.functional_tensor import FunctionalTensor, FunctionalTensorMode
 from triton.runtime.jit import MockTensor
@@ -12,5 +17,30 @@ def export_keeps_custom_triton_ops() -> bool:
     return custom_triton_ops_decomposition_disabled()
 
 
+def namespace_ops(namespace: str) -> list[str]:
+    """Qualified names (``namespace::name``) of every operator registered in ``namespace``."""
+    return sorted(name for name in torch._C._dispatch_get_all_op_names() if name.startswith(f"{namespace}::"))
+
+
+def register_inductor_fallback(op: torch._ops.OpOverload) -> None:
+    """Register the implicit fallback that Inductor would create for ``op`` when lowering its first node (with the
+    op's layout constraint), now, if Inductor is loaded and ``op`` has no lowering yet.
+
+    Inductor registers it only while lowering the op's first node, after the nodes before it; those then do not
+    see the op among the users that need realized inputs, and an output read by several fsa ops (the rotated q) is
+    recomputed into one buffer per op instead of stored once: the first compile in a process differs from the
+    later ones. Called while AOTAutograd traces, before Inductor lowers."""
+    lowering = sys.modules.get("torch._inductor.lowering")
+    if lowering is None or op in lowering.lowerings:
+        return
+    try:
+        from torch._library.utils import get_layout_constraint_tag
+
+        constraint = lowering.tag_to_layout_constraint(get_layout_constraint_tag(op, with_default=True))
+    except (ImportError, AttributeError, TypeError):
+        return  # a torch without these: Inductor registers the fallback itself, as before
+    lowering.make_fallback(op, layout_constraint=constraint)
+
+
 __all__ = ["FakeTensor", "FunctionalTensor", "FunctionalTensorMode", "MockTensor", "export_keeps_custom_triton_ops",
-           "is_fake"]
+           "is_fake", "namespace_ops", "register_inductor_fallback"]

@@ -22,6 +22,7 @@ from fsa_compile.ops import _launch, _library
 
 from ._compat import (
     FakeTensor, FunctionalTensor, FunctionalTensorMode, MockTensor, export_keeps_custom_triton_ops, is_fake,
+    namespace_ops, register_inductor_fallback,
 )
 
 
@@ -52,19 +53,24 @@ def check_kernel_fits(kernel, grid, args, kwargs) -> None:
         compiled._init_handles()
 
 
-def _trace_rule(implementation):
+def _trace_rule(implementation=None):
+    """The FunctionalTensorMode rule of an fsa op: traced through ``implementation`` where ``traces_triton``, else
+    one opaque node, whose Inductor fallback is registered before Inductor lowers the graph."""
     def trace(mode, func, types, args, kwargs):
         if any(t not in (torch.Tensor, FakeTensor, FunctionalTensor) for t in types):
             return NotImplemented
-        if traces_triton((*args, *kwargs.values())):
+        if implementation is not None and traces_triton((*args, *kwargs.values())):
             with mode, _launch.checking_traced_launches(check_kernel_fits):
                 return implementation(*args, **kwargs)
+        register_inductor_fallback(func)
         return mode.__torch_dispatch__(func, types, args, kwargs)
 
     return trace
 
 
 def register() -> None:
-    """Trace every ``fsa`` op with a Triton implementation under AOTAutograd's FunctionalTensorMode."""
-    for op, implementation in _library.triton_implementations().values():
-        op.register_torch_dispatch(FunctionalTensorMode, _trace_rule(implementation))
+    """Give every ``fsa`` op its rule under AOTAutograd's FunctionalTensorMode (``_trace_rule``)."""
+    implementations = {op._qualname: implementation
+                       for op, implementation in _library.triton_implementations().values()}
+    for name in namespace_ops(_library.NAMESPACE):
+        torch.library.register_torch_dispatch(name, FunctionalTensorMode, _trace_rule(implementations.get(name)))

@@ -9,6 +9,9 @@ after an intended change.
 """
 
 import re
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -95,13 +98,26 @@ def test_pinned_kernel_list(cpu_kernels):
     assert_expected_inline(
         "\n".join(kernels + calls),
         """\
-cpp_fused__to_copy__unsafe_view_add_addcmul_arange_cat_clone_compressed_attention_cos_div_flip_mul_neg_pow_select_select_blocks_selected_attention_sin_slice_sliding_window_attention_split_split_with_sizes_transpose_unsqueeze_view_2
-cpp_fused__to_copy__unsafe_view_addcmul_arange_cat_clone_cos_div_flip_mul_neg_pow_selected_attention_sliding_window_attention_split_split_with_sizes_unsqueeze_view_3
+cpp_fused__to_copy__unsafe_view_add_addcmul_arange_cat_clone_compressed_attention_cos_div_flip_mul_neg_pow_select_sin_slice_split_split_with_sizes_transpose_unsqueeze_view_2
+cpp_fused__to_copy__unsafe_view_addcmul_arange_cat_cos_div_flip_mul_neg_pow_split_split_with_sizes_unsqueeze_view_3
 cpp_fused__unsafe_view_bmm_cat_clone_expand_permute_slice_split_with_sizes_transpose_view_1
-cpp_fused_add_mul_sigmoid_slice_view_4
+cpp_fused__unsafe_view_clone_selected_attention_sliding_window_attention_split_split_with_sizes_view_4
+cpp_fused_add_mul_sigmoid_slice_view_5
 cpp_fused_cat_0
 compressed_attention
 select_blocks
 selected_attention
 sliding_window_attention""",
     )
+
+
+def test_first_compile_in_a_process_equals_later_ones():
+    """Inductor registers an opaque op's fallback while lowering its first node; registered that late, the rotated
+    q read by four fsa ops was recomputed into four buffers in a process's first compile and stored once in later
+    ones. fsa_compile.lowerings registers the fallbacks before lowering; a fresh process checks it."""
+    script = ("from tests.lowerings.test_combine import generated_kernels\n"
+              "first, later = generated_kernels('cpu'), generated_kernels('cpu')\n"
+              "assert first == later, (first, later)\n")
+    root = Path(__file__).resolve().parents[2]
+    result = subprocess.run([sys.executable, "-c", script], cwd=root, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
