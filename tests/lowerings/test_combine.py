@@ -68,7 +68,9 @@ def test_gate_and_combination_fuse_into_one_kernel_cuda(cuda_kernels):
 
 # Inductor's own kernels around the ops (projections, RoPE, compression, gates) in one compiled forward of the small
 # layer on the H200, torch 2.11: 19 in one run and 20 in another of the same code (2026-12-03: whether a small matmul
-# became its own kernel), with different fused-op names; so their number is bounded, not pinned.
+# became its own kernel), with different fused-op names; so their number is bounded, not pinned. (Likely the
+# first-compile effect that test_first_compile_in_a_process_equals_later_ones covers, fixed since; not yet
+# re-checked on a GPU.)
 MAX_INDUCTOR_KERNELS_CUDA = 20
 
 
