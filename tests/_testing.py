@@ -240,3 +240,15 @@ def make_small_layer(**overrides):
     """A small FlashSparseAttention (hidden 64, Hq 4, Hkv 2, D 16) whose parameters all matter."""
     config = dict(kernel_size=8, kernel_stride=4, block_size=8, topk=3, init_blocks=1, local_blocks=1, window_size=16)
     return make_layer(**(config | overrides))
+
+
+def fresh_compiled_glue(monkeypatch) -> None:
+    """The setting compiled_glue as a test needs it: its device rule widened to CPU (so that CI compares the compiled
+    functions with eager ones), and fresh compiled functions with Dynamo reset, so that the graphs a test counts do
+    not depend on the signatures that earlier tests used up."""
+    from fsa_compile import _compiled_glue, functional, modules
+
+    monkeypatch.setattr(_compiled_glue, "DEVICES", ("cpu", "cuda"))
+    monkeypatch.setattr(modules, "_project_compiled", _compiled_glue.compiled(modules._project))
+    monkeypatch.setattr(functional, "_combine_compiled", _compiled_glue.compiled(functional._combine))
+    torch._dynamo.reset()

@@ -11,7 +11,9 @@ import fsa_compile
 from fsa_compile import _compiled_glue, compression, modules
 from fsa_compile.lowerings import compression_windows as windows_workaround
 from fsa_compile.ops import SequenceLayout, _settings
-from tests._testing import DEVICE, RATIO, assert_close, make_cu_seqlens, make_layer, make_small_layer
+from tests._testing import (
+    DEVICE, RATIO, assert_close, fresh_compiled_glue, make_cu_seqlens, make_layer, make_small_layer,
+)
 
 
 @pytest.fixture(autouse=True)
@@ -46,7 +48,7 @@ def test_fullgraph_matches_eager_forward_and_backward(varlen):
 def test_compiled_glue_matches_eager(varlen, monkeypatch):
     """The setting ``compiled_glue``: an eager layer runs its projection side and gated combination through
     torch.compile. The device rule is widened to CPU so that CI compares the compiled functions themselves."""
-    monkeypatch.setattr(_compiled_glue, "DEVICES", ("cpu", "cuda"))
+    fresh_compiled_glue(monkeypatch)
     layer = make_small_layer()
     cu = make_cu_seqlens((20, 37)) if varlen else None
     x = torch.randn(1 if varlen else 2, 57, 64, device=DEVICE, requires_grad=True)

@@ -8,7 +8,10 @@ import torch
 
 import fsa_compile
 from fsa_compile.models import ModelConfig, NSAConfig, Transformer
-from tests._testing import DEVICE, RATIO, assert_close, cpu_kernel_disabled, make_layer, make_small_layer
+from fsa_compile.ops import _settings
+from tests._testing import (
+    DEVICE, RATIO, assert_close, cpu_kernel_disabled, fresh_compiled_glue, make_layer, make_small_layer,
+)
 
 CHUNKINGS = {
     "prefill-then-decode": (40, *([1] * 12), 18),
@@ -55,6 +58,26 @@ def test_chunked_layer_equals_full_forward_float64(chunks, layer_config):
         chunked = run_chunked(layer, x, chunks, cache)
     torch.testing.assert_close(chunked, full, rtol=0, atol=1e-12)
     assert cache.seqlen == sum(chunks) and cache.seqlens.tolist() == [sum(chunks)] * 2
+
+
+def test_chunked_layer_with_compiled_glue_equals_full_forward(monkeypatch):
+    """The setting compiled_glue (the device rule widened to CPU): prefill, decode steps and a chunk through the cache
+    with the gated combination compiled (one graph per signature) give the full forward, which runs its projection
+    side compiled too."""
+    fresh_compiled_glue(monkeypatch)
+    layer = make_small_layer(dtype=torch.float64)
+    chunks = (23, 1, 1, 1, 9)
+    x = torch.randn(2, sum(chunks), layer.hidden_size, device=DEVICE, dtype=torch.float64)
+    with torch.no_grad(), _settings.override("compiled_glue", False):
+        want = layer(x)
+    graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    with torch.no_grad(), _settings.override("compiled_glue", True):
+        full = layer(x)
+        chunked = run_chunked(layer, x, chunks, fsa_compile.NSACache(layer, batch_size=2, max_seqlen=sum(chunks)))
+    # project at T = 35; the combination at T = 35, 23, 1 and 9
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] - graphs == 5
+    torch.testing.assert_close(full, want, rtol=0, atol=1e-12)
+    torch.testing.assert_close(chunked, want, rtol=0, atol=1e-12)
 
 
 def test_cache_holds_the_compressed_tokens_of_the_full_sequence():
