@@ -1,6 +1,5 @@
 """The private torch APIs that ``fsa_compile.lowerings`` uses, in one place (checked on torch 2.11 and 2.13;
-``namespace_ops`` and ``register_inductor_fallback`` on 2.13 only, the latter doing nothing where its APIs are
-missing)."""
+``register_inductor_fallback`` on 2.13 only: it does nothing where its APIs are missing)."""
 
 import sys
 
@@ -15,11 +14,6 @@ def export_keeps_custom_triton_ops() -> bool:
     from torch.export._trace import custom_triton_ops_decomposition_disabled
 
     return custom_triton_ops_decomposition_disabled()
-
-
-def namespace_ops(namespace: str) -> list[str]:
-    """Qualified names (``namespace::name``) of every operator registered in ``namespace``."""
-    return sorted(name for name in torch._C._dispatch_get_all_op_names() if name.startswith(f"{namespace}::"))
 
 
 def register_inductor_fallback(op: torch._ops.OpOverload) -> None:
@@ -37,10 +31,10 @@ def register_inductor_fallback(op: torch._ops.OpOverload) -> None:
         from torch._library.utils import get_layout_constraint_tag
 
         constraint = lowering.tag_to_layout_constraint(get_layout_constraint_tag(op, with_default=True))
+        lowering.make_fallback(op, layout_constraint=constraint)
     except (ImportError, AttributeError, TypeError):
-        return  # a torch without these: Inductor registers the fallback itself, as before
-    lowering.make_fallback(op, layout_constraint=constraint)
+        pass  # a torch without these: Inductor registers the fallback itself, as before
 
 
 __all__ = ["FakeTensor", "FunctionalTensor", "FunctionalTensorMode", "MockTensor", "export_keeps_custom_triton_ops",
-           "is_fake", "namespace_ops", "register_inductor_fallback"]
+           "is_fake", "register_inductor_fallback"]

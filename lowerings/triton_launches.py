@@ -22,7 +22,7 @@ from fsa_compile.ops import _launch, _library
 
 from ._compat import (
     FakeTensor, FunctionalTensor, FunctionalTensorMode, MockTensor, export_keeps_custom_triton_ops, is_fake,
-    namespace_ops, register_inductor_fallback,
+    register_inductor_fallback,
 )
 
 
@@ -70,7 +70,6 @@ def _trace_rule(implementation=None):
 
 def register() -> None:
     """Give every ``fsa`` op its rule under AOTAutograd's FunctionalTensorMode (``_trace_rule``)."""
-    implementations = {op._qualname: implementation
-                       for op, implementation in _library.triton_implementations().values()}
-    for name in namespace_ops(_library.NAMESPACE):
-        torch.library.register_torch_dispatch(name, FunctionalTensorMode, _trace_rule(implementations.get(name)))
+    implementations = {name: implementation for name, (_, implementation) in _library.triton_implementations().items()}
+    for name, op in _library.all_ops().items():
+        op.register_torch_dispatch(FunctionalTensorMode, _trace_rule(implementations.get(name)))

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 
 from . import _eager_graphs, _settings
 from ._layout import num_compressed
-from ._library import attention_grads_like, attention_outputs_like, op_name
+from ._library import attention_grads_like, attention_outputs_like, listed, op_name
 
 
 def applies(q, k_cmp, v_cmp, kernel_size: int, kernel_stride: int, cu_seqlens, seqlen_k, cu_seqlens_k,
@@ -143,5 +143,5 @@ def backward_op(do, q, k_cmp, v_cmp, o, lse, kernel_size, kernel_stride, scale):
                              (do, q, k_cmp, v_cmp, o, lse, kernel_size, kernel_stride, scale))
 
 
-forward_op.register_fake(lambda q, k_cmp, v_cmp, *_: attention_outputs_like(q, v_cmp.shape[-1]))
-backward_op.register_fake(lambda do, q, k_cmp, v_cmp, *_: attention_grads_like(q, k_cmp, v_cmp))
+listed(forward_op).register_fake(lambda q, k_cmp, v_cmp, *_: attention_outputs_like(q, v_cmp.shape[-1]))
+listed(backward_op).register_fake(lambda do, q, k_cmp, v_cmp, *_: attention_grads_like(q, k_cmp, v_cmp))

@@ -14,6 +14,8 @@ NAMESPACE = "fsa"
 
 # name -> (op, the Triton implementation with its checks), for fsa_compile.lowerings, which may trace it.
 _TRITON_IMPLEMENTATIONS: dict[str, tuple[torch.library.CustomOpDef, Callable]] = {}
+# name -> op: every op of the namespace, for fsa_compile.lowerings (``define_op`` and ``listed`` add them).
+_OPS: dict[str, torch.library.CustomOpDef] = {}
 
 
 def op_name(name: str) -> str:
@@ -68,7 +70,19 @@ def define_op(name: str, schema: str, *, torch_impl: Callable, fake: Callable, t
     op.register_fake(checked(fake))
     if triton_path is not None:
         _TRITON_IMPLEMENTATIONS[name] = (op, triton_path)
+    return listed(op)
+
+
+def listed(op: torch.library.CustomOpDef) -> torch.library.CustomOpDef:
+    """``op``, an op of the namespace defined without ``define_op`` (a device-only internal op), made known to
+    ``fsa_compile.lowerings`` like the others."""
+    _OPS[op._name] = op
     return op
+
+
+def all_ops() -> dict[str, torch.library.CustomOpDef]:
+    """``{name: op}`` of every op in the namespace."""
+    return dict(_OPS)
 
 
 def triton_implementations() -> dict[str, tuple[torch.library.CustomOpDef, Callable]]:
