@@ -48,11 +48,11 @@ def set_compiled_glue(enabled: bool) -> None:
 
 
 def _signature(args: tuple, kwargs: dict) -> tuple:
-    """What a static-shape graph is specialised on: each tensor's shape, dtype, device and requires_grad, the other
-    arguments' values, the grad, inference and autocast modes."""
+    """What a static-shape graph is specialised on: each tensor's shape, strides, dtype, device and requires_grad, the
+    other arguments' values, the grad, inference and autocast modes."""
     def describe(a):
         if isinstance(a, torch.Tensor):
-            return tuple(a.shape), a.dtype, a.device, a.requires_grad
+            return tuple(a.shape), a.stride(), a.dtype, a.device, a.requires_grad
         return a
     return (tuple(map(describe, args)), tuple((k, describe(v)) for k, v in kwargs.items()), torch.is_grad_enabled(),
             torch.is_inference_mode_enabled(), torch.is_autocast_enabled("cuda"), torch.is_autocast_enabled("cpu"))
