@@ -1,13 +1,13 @@
 """The layer under two values of one launch setting (``ops/_settings.py``), in interleaved rounds, compiled and
 eager, with the dense-SDPA layer timed the same way in the same run as the baseline.
 
-    python benchmarks/layer_setting_ab.py --setting fused_rope --values false true --seqlen 32768 --groups 1 4
+    python benchmarks/layer_setting_ab.py --setting compiled_glue --values false true --seqlen 32768 --groups 1 4
     python benchmarks/layer_setting_ab.py --setting eager_cuda_graphs --values null '{"max_bytes": 2147483648}'
 
 Values are JSON. Forward+backward ms per step: 10 steps back to back (a training loop's steady state, host and GPU
 overlapping) and ``cuda_time_ms`` (bench_layer.py's single step after an L2 flush, median). bf16, Hkv = 4, D = 128,
-the layer's defaults. A setting read while tracing (``fused_rope`` is read only in eager mode) is compiled once per
-value; the compiled rows are skipped with ``--no-compiled``.
+the layer's defaults. The compiled layer is compiled once per value (a setting read only in eager mode, such as
+``compiled_glue``, leaves it as it is); the compiled rows are skipped with ``--no-compiled``.
 """
 
 from __future__ import annotations

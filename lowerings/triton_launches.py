@@ -70,6 +70,6 @@ def _trace_rule(implementation=None):
 
 def register() -> None:
     """Give every ``fsa`` op its rule under AOTAutograd's FunctionalTensorMode (``_trace_rule``)."""
-    implementations = {name: implementation for name, (_, implementation) in _library.triton_implementations().items()}
+    implementations = _library.triton_implementations()
     for name, op in _library.all_ops().items():
         op.register_torch_dispatch(FunctionalTensorMode, _trace_rule(implementations.get(name)))

@@ -12,8 +12,8 @@ from ._torch_attention import lse_dtype
 
 NAMESPACE = "fsa"
 
-# name -> (op, the Triton implementation with its checks), for fsa_compile.lowerings, which may trace it.
-_TRITON_IMPLEMENTATIONS: dict[str, tuple[torch.library.CustomOpDef, Callable]] = {}
+# name -> the op's Triton implementation with its checks, for fsa_compile.lowerings, which may trace it.
+_TRITON_IMPLEMENTATIONS: dict[str, Callable] = {}
 # name -> op: every op of the namespace, for fsa_compile.lowerings (``define_op`` and ``listed`` add them).
 _OPS: dict[str, torch.library.CustomOpDef] = {}
 
@@ -69,13 +69,13 @@ def define_op(name: str, schema: str, *, torch_impl: Callable, fake: Callable, t
     op.register_kernel("cpu")(torch_path)
     op.register_fake(checked(fake))
     if triton_path is not None:
-        _TRITON_IMPLEMENTATIONS[name] = (op, triton_path)
+        _TRITON_IMPLEMENTATIONS[name] = triton_path
     return listed(op)
 
 
 def listed(op: torch.library.CustomOpDef) -> torch.library.CustomOpDef:
-    """``op``, an op of the namespace defined without ``define_op`` (a device-only internal op), made known to
-    ``fsa_compile.lowerings`` like the others."""
+    """``op``, entered in the namespace's registry (``all_ops``, read by ``fsa_compile.lowerings``): ``define_op``
+    enters its ops; an op defined without it (a device-only internal op) is passed here."""
     _OPS[op._name] = op
     return op
 
@@ -85,8 +85,8 @@ def all_ops() -> dict[str, torch.library.CustomOpDef]:
     return dict(_OPS)
 
 
-def triton_implementations() -> dict[str, tuple[torch.library.CustomOpDef, Callable]]:
-    """``{name: (op, implementation)}`` of every op with a Triton implementation (checks included)."""
+def triton_implementations() -> dict[str, Callable]:
+    """``{name: implementation}`` of every op with a Triton implementation (checks included)."""
     return dict(_TRITON_IMPLEMENTATIONS)
 
 
